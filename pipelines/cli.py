@@ -1,0 +1,175 @@
+"""The ``medseg`` command line: thin argument parsing over the workflows in :mod:`pipelines`.
+
+Heavy imports (torch, MONAI, MLflow) happen inside each command so ``medseg --help`` stays fast. A user error
+(a bad file, config key or argument) prints one clear line per problem and exits with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXAMPLES = """\
+examples:
+  medseg synth cells --out demo/cells --n 24 --n-test 4
+  medseg check demo/cells
+  medseg train configs/demo_cells.yaml --set train.epochs=5
+  medseg predict --model runs/demo_cells --input demo/cells/imagesTs --output demo/pred --instances
+  medseg evaluate --pred demo/pred --ref demo/cells/labelsTs
+  mlflow ui --backend-store-uri sqlite:///mlflow.db
+"""
+
+
+def _add_tracking(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)",
+    )
+    g.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medseg",
+        description="Medical-image segmentation on MONAI and PyTorch: cells and lesions, 2D and 3D, tracked in MLflow.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # synth -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("synth", help="generate a synthetic dataset (cells or lesions)")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    c = kinds.add_parser("cells", help="2D fluorescence-like nuclei with instance labels (16-bit TIFF)")
+    c.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    c.add_argument("--n", type=int, default=8, help="number of training cases (default 8)")
+    c.add_argument("--n-test", type=int, default=0, help="held-out cases with labels, in imagesTs/labelsTs")
+    c.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    c.add_argument("--seed", type=int, default=0)
+    le = kinds.add_parser("lesions", help="3D NIfTI lesion volumes (or 2D RGB with --dims 2), semantic labels")
+    le.add_argument("--out", required=True, type=Path, help="output dataset folder")
+    le.add_argument("--n", type=int, default=6, help="number of training cases (default 6)")
+    le.add_argument("--n-test", type=int, default=0, help="held-out cases with labels, in imagesTs/labelsTs")
+    le.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
+                    help="D H W for 3D (default 32 96 96), H W for 2D (default 192 192)")
+    le.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    le.add_argument("--seed", type=int, default=0)
+
+    # check -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("check", help="dataset integrity report (exit 1 when a problem is fatal)")
+    p.add_argument("target", help="a dataset folder, or an experiment config (its data.root is checked)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--tolerance", type=float, default=1e-3, help="geometry tolerance (default 1e-3)")
+
+    # train -----------------------------------------------------------------------------------------------
+    p = sub.add_parser("train", help="train a network from an experiment config; logs the run to MLflow")
+    p.add_argument("config", type=Path, help="experiment YAML (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--resume", metavar="auto|PATH",
+                   help="continue from the output folder's last checkpoint (auto) or a checkpoint file")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides train.device")
+    p.add_argument("--output", type=Path, default=None, help="run folder (overrides experiment.output_dir)")
+    _add_tracking(p)
+
+    # predict ---------------------------------------------------------------------------------------------
+    p = sub.add_parser("predict", help="batch-predict a folder (or files) of scans with a trained model")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--input", required=True, nargs="+", help="a folder of scans, or scan files")
+    p.add_argument("--output", required=True, type=Path, help="output folder")
+    p.add_argument("--tta", action="store_true", help="average over all mirrorings (slower, often better)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: model's)")
+    p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: model's)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
+    p.add_argument("--instances", action="store_true", help="also write instance maps (cell models)")
+    p.add_argument("--skip-existing", action="store_true", help="skip cases whose output already exists")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for runs:/ and models:/ models")
+
+    # evaluate --------------------------------------------------------------------------------------------
+    p = sub.add_parser("evaluate", help="compare predictions with reference labels (Dice, HD95, AP, ...)")
+    p.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
+    p.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
+    p.add_argument("--instances", action="store_true", help="instance metrics (AP@0.5:0.95, F1, PQ)")
+    p.add_argument("--out", type=Path, default=None, help="where metrics.csv/summary.json go (default: --pred)")
+    p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm/px (default 1)")
+    p.add_argument("--run-id", default=None, help="log the summary into this MLflow run")
+    _add_tracking(p)
+
+    # augment-preview -------------------------------------------------------------------------------------
+    p = sub.add_parser("augment-preview", help="PNG grid of augmented training samples with label overlays")
+    p.add_argument("config", type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output PNG")
+    p.add_argument("--n", type=int, default=8, help="number of augmented samples (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    # config ----------------------------------------------------------------------------------------------
+    p = sub.add_parser("config", help="validate a config and print it resolved (all defaults filled in)")
+    p.add_argument("config", type=Path)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "synth":
+        from pipelines.synth import run_synth
+
+        return run_synth(args)
+    if args.command == "check":
+        from pipelines.check import run_check
+
+        return run_check(args.target, args.overrides, args.tolerance)
+    if args.command == "config":
+        from medseg.config import dump_config, load_config
+
+        sys.stdout.write(dump_config(load_config(args.config, args.overrides)))
+        return 0
+    if args.command == "train":
+        from pipelines.train import run_train_cli
+
+        return run_train_cli(args)
+    if args.command == "predict":
+        from pipelines.predict import run_predict_cli
+
+        return run_predict_cli(args)
+    if args.command == "evaluate":
+        from pipelines.evaluate import run_evaluate_cli
+
+        return run_evaluate_cli(args)
+    if args.command == "augment-preview":
+        from pipelines.preview import run_preview_cli
+
+        return run_preview_cli(args)
+    raise AssertionError(args.command)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from medseg.errors import MedsegError
+
+    try:
+        return _run(args)
+    except MedsegError as err:
+        for line in str(err).splitlines():
+            print(f"medseg {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""What train, predict and augment-preview share: resolving a dataset against a config, the transform chains,
+and the metadata a trained model carries so prediction needs no config."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import monai.transforms as T
+import torch
+
+from medseg.config import ExperimentConfig
+from medseg.data.datalist import DatasetInfo, discover
+from medseg.data.io import load_transforms
+from medseg.errors import ConfigError, DataError
+from medseg.transforms.presets import build_augmentation, build_normalization, build_preprocessing
+
+LABEL_KEYS = ("label", "instance", "weight")
+
+
+def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInfo]:
+    """Discover the cases under ``data.root`` and fill in what the config left to the dataset.
+
+    ``data.label_kind`` comes from dataset.json when not set; ``data.classes`` from the dataset's ``labels``
+    (semantic), or background/<cell>/border for instance datasets mapped with ``cell_border``.
+
+    Raises:
+        DataError: the dataset has fatal discovery problems (each named with its file) or no cases.
+    """
+    info = discover(cfg.data.root)
+    errors = [p for p in info.problems if p.severity == "error"]
+    if errors:
+        raise DataError(cfg.data.root, "dataset problems (run `medseg check`):\n" + "\n".join(map(str, errors)))
+    if not info.cases:
+        raise DataError(cfg.data.root, "no training cases found (expected images/ + labels/ or a dataset.json)")
+    label_kind = cfg.data.label_kind or info.label_kind or "semantic"
+    classes = cfg.data.classes
+    if classes is None:
+        names = sorted(info.labels, key=info.labels.get) if info.labels else ["background", "foreground"]
+        if label_kind == "instance":
+            fg = next((n for n in names if info.labels.get(n, 0) != 0), "cell")
+            names = ["background", fg] + (["border"] if cfg.data.instance_to_semantic == "cell_border" else [])
+        classes = {name: i for i, name in enumerate(names)}
+    data = cfg.data.model_copy(update={"label_kind": label_kind, "classes": classes})
+    cfg = cfg.model_copy(update={"data": data})
+    if label_kind == "instance" and cfg.data.instance_to_semantic == "cell_border" and len(classes) != 3:
+        raise ConfigError("data.classes", f"cell_border needs 3 classes (background, cell, border), got {classes}")
+    return cfg, info
+
+
+def _preprocessing(cfg: ExperimentConfig, with_label: bool) -> list:
+    keys = ("image", "label") if with_label else ("image",)
+    chain = list(load_transforms(keys))
+    if cfg.data.spacing is not None:
+        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
+        chain.append(T.Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=modes))
+    tcfg = cfg.transforms
+    chain.append(
+        build_preprocessing(
+            spatial_dims=cfg.data.spatial_dims,
+            label_kind=cfg.data.label_kind if with_label else "none",
+            normalize=tcfg.normalize.model_dump(),
+            weight_map=tcfg.weight_map.model_dump() if with_label else None,
+            instance_to_semantic=cfg.data.instance_to_semantic if cfg.data.label_kind == "instance" else None,
+        )
+    )
+    return chain
+
+
+def training_transform(cfg: ExperimentConfig) -> T.Compose:
+    """load -> [resample] -> normalise, labels (+ border class, weight map) -> pad -> patch -> augment.
+
+    Everything before the patch sampling is deterministic and cached by CacheDataset; the rest is drawn anew for
+    every sample. Patches are centred on foreground with probability ``transforms.foreground_ratio``.
+    """
+    tcfg = cfg.transforms
+    keys = ["image", "label"] + (["weight"] if tcfg.weight_map.enabled else [])
+    ratio = tcfg.foreground_ratio
+    chain = _preprocessing(cfg, with_label=True)
+    chain += [
+        T.SelectItemsd(keys=keys),
+        T.SpatialPadd(keys=keys, spatial_size=tcfg.patch_size, mode="constant"),
+        T.RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=tcfg.patch_size,
+            pos=ratio,
+            neg=1.0 - ratio,
+            num_samples=1,
+            allow_smaller=False,
+        ),
+        build_augmentation(
+            tcfg.augmentation.preset, tcfg.augmentation.params, spatial_dims=cfg.data.spatial_dims, label_keys=keys[1:]
+        ),
+    ]
+    return T.Compose(chain)
+
+
+def validation_transform(cfg: ExperimentConfig) -> T.Compose:
+    """Whole cases, deterministic: load -> [resample] -> normalise, semantic label."""
+    return T.Compose(_preprocessing(cfg, with_label=True) + [T.SelectItemsd(keys=["image", "label", "case"])])
+
+
+def prediction_transform(meta: dict[str, Any]) -> T.Compose:
+    """What prediction applies to a scan, rebuilt from a model's metadata (no config needed)."""
+    chain = list(load_transforms(("image",)))
+    if meta.get("spacing") is not None:
+        chain.append(T.Spacingd(keys=("image",), pixdim=meta["spacing"], mode="bilinear"))
+    chain.append(build_normalization(meta["normalize"]))
+    return T.Compose(chain)
+
+
+def model_metadata(cfg: ExperimentConfig, in_channels: int) -> dict[str, Any]:
+    """Everything prediction needs, carried by checkpoints and the MLflow model."""
+    return {
+        "format": "medseg-model-v1",
+        "model": {"name": cfg.model.name, "params": dict(cfg.model.params)},
+        "spatial_dims": cfg.data.spatial_dims,
+        "in_channels": in_channels,
+        "classes": dict(cfg.data.classes or {}),
+        "label_kind": cfg.data.label_kind,
+        "instance_to_semantic": cfg.data.instance_to_semantic,
+        "normalize": cfg.transforms.normalize.model_dump(),
+        "patch_size": list(cfg.transforms.patch_size),
+        "spacing": cfg.data.spacing,
+        "inference": cfg.inference.model_dump(),
+    }
+
+
+def dataset_fingerprint(info: DatasetInfo) -> str:
+    """A short hash of the case files' names, sizes and modification times (cheap, no reading)."""
+    h = hashlib.sha1()
+    for case in info.cases:
+        for p in [*case.images, *( [case.label] if case.label else [])]:
+            st = Path(p).stat()
+            h.update(f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:12]
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "cuda was asked for but no CUDA device is available")
+    if name in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")

@@ -1,0 +1,270 @@
+"""`medseg predict`: batch prediction of a folder of scans with a trained model.
+
+A folder is a batch: hidden and non-image files are skipped (and listed), one bad scan fails alone while the
+others are written, every output is written atomically (so ``--skip-existing`` after a kill redoes exactly the
+missing ones), and a manifest (JSON + CSV) records every case. Reading the next scan and writing the last one
+overlap with computing the current one. Under ``torchrun`` the cases are sharded across processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.data.io import is_hidden, is_image_path, split_name, write_image
+from medseg.engine import distributed as dist
+from medseg.engine.checkpoint import load_checkpoint
+from medseg.errors import ConfigError, DataError, MedsegError
+from medseg.inference import SlidingWindowPredictor
+from medseg.nets import build_network
+from medseg.postprocess import cell_instances
+from pipelines.common import prediction_transform
+from pipelines.progress import Progress
+
+log = logging.getLogger("medseg.predict")
+
+
+@dataclass
+class CaseRecord:
+    case: str
+    input: str
+    output: str
+    shape: str = ""
+    seconds: float = 0.0
+    status: str = "pending"  # ok | skipped | failed
+    error: str = ""
+
+
+def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A trained model and the metadata prediction needs, from any of the places a model can be.
+
+    Args:
+        source: a checkpoint file, a training output folder (its ``checkpoints/best.pt``, else ``last.pt``),
+            ``runs:/<run_id>/model`` or ``models:/<name>/<version>``.
+    """
+    if source.startswith(("runs:/", "models:/")):
+        from medseg.tracking import load_model
+
+        model, meta = load_model(source, tracking_uri=tracking_uri)
+        return model.eval(), meta
+    path = Path(source)
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                path = path / "checkpoints" / name
+                break
+        else:
+            raise DataError(path, "no checkpoints/best.pt or checkpoints/last.pt in this folder (a training output?)")
+    if not path.is_file():
+        raise DataError(path, "model not found: expected a checkpoint, a run folder, runs:/<id>/model or models:/...")
+    state = load_checkpoint(path)
+    meta = state.get("metadata")
+    if not meta:
+        raise DataError(path, "checkpoint carries no model metadata (was it written by `medseg train`?)")
+    model = build_network(
+        meta["model"]["name"], meta["model"]["params"], spatial_dims=meta["spatial_dims"],
+        in_channels=meta["in_channels"], num_classes=len(meta["classes"]),
+    )
+    model.load_state_dict(state["model"])
+    return model.eval(), meta
+
+
+def list_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
+    """Scan files to predict and files skipped (hidden, not an image), from folders and/or files."""
+    files, skipped = [], []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for child in sorted(path.iterdir()):
+                (files if not is_hidden(child) and is_image_path(child) else skipped).append(child)
+        elif path.exists():
+            files.append(path)
+        else:
+            raise DataError(path, "input does not exist")
+    return files, skipped
+
+
+def output_path(scan: Path, out_dir: Path, suffix: str = "") -> Path:
+    """``case_0000.nii.gz`` -> ``out/case.nii.gz``: same format, nnU-Net's channel suffix dropped."""
+    stem, ext = split_name(scan)
+    if len(stem) > 5 and stem[-5] == "_" and stem[-4:].isdigit():
+        stem = stem[:-5]
+    return out_dir / f"{stem}{suffix}{ext if ext else '.nii.gz'}"
+
+
+class Predictor:
+    """Predicts one scan: preprocess as in training, sliding window, back to the input's geometry, write."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool,
+                 overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool):
+        inf = meta.get("inference", {})
+        self.meta = meta
+        self.transform = prediction_transform(meta)
+        self.window = SlidingWindowPredictor(
+            model.to(device), meta["patch_size"], len(meta["classes"]),
+            overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
+            sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
+            device=device, tta=tta,
+        )
+        self.instances, self.probabilities = instances, probabilities
+        if instances and meta.get("label_kind") != "instance":
+            log.warning("--instances: the model was not trained on instance labels; cells split by connectivity only")
+        self.cell_class = inf.get("cell_class") or 1
+        self.border_class = inf.get("border_class")
+        if self.border_class is None and meta.get("instance_to_semantic") == "cell_border":
+            self.border_class = 2
+        self.min_size = inf.get("min_instance_size", 8)
+
+    def load(self, scan: Path) -> dict:
+        return self.transform({"image": str(scan)})
+
+    def compute(self, data: dict) -> dict[str, Any]:
+        image = data["image"]
+        probs = self.window(image)
+        meta = image.meta
+        if self.meta.get("spacing") is not None:  # back to the scan's own grid through MONAI's inverse
+            probs, meta = self._invert(data, probs)
+        out: dict[str, Any] = {"meta": meta}
+        out["labels"] = probs.argmax(0).cpu().numpy().astype(np.uint8 if probs.shape[0] < 256 else np.uint16)
+        if self.instances:
+            out["instances"] = cell_instances(
+                probs.cpu().numpy(), cell_class=self.cell_class, border_class=self.border_class,
+                min_size=self.min_size,
+            )
+        if self.probabilities:
+            out["probabilities"] = probs.cpu().numpy().astype(np.float16)
+        return out
+
+    def _invert(self, data: dict, probs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        from monai.data import MetaTensor
+
+        pred = MetaTensor(probs.cpu(), meta=dict(data["image"].meta),
+                          applied_operations=list(data["image"].applied_operations))
+        inverted = self.transform.inverse({"image": pred})["image"]
+        return inverted.as_tensor(), dict(inverted.meta)
+
+
+def predict_batch(
+    model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
+    tta: bool = False, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
+    probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True,
+) -> list[CaseRecord]:
+    """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
+                       instances=instances, probabilities=probabilities)
+    records = [CaseRecord(output_path(s, out_dir).name.split(".")[0], str(s), str(output_path(s, out_dir)))
+               for s in scans]
+    todo = []
+    for rec in records:
+        if skip_existing and Path(rec.output).is_file() and (
+            not instances or output_path(Path(rec.input), out_dir, "_instances").is_file()
+        ):
+            rec.status = "skipped"
+        else:
+            todo.append(rec)
+    progress = Progress("predict", len(todo), enabled=show_progress, lines=10, unit="case")
+    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, ThreadPoolExecutor(1, "write") as writer:
+        pending: list[tuple[CaseRecord, Future]] = []
+        loads = {id(r): reader.submit(engine.load, Path(r.input)) for r in todo[:1]}
+        for i, rec in enumerate(todo):
+            if i + 1 < len(todo):  # read the next scan while this one computes
+                nxt = todo[i + 1]
+                loads[id(nxt)] = reader.submit(engine.load, Path(nxt.input))
+            start = time.perf_counter()
+            try:
+                data = loads.pop(id(rec)).result()
+                rec.shape = "x".join(map(str, data["image"].shape[1:]))
+                if i == 0:
+                    est = engine.window.estimate_memory(list(data["image"].shape))
+                    log.info("memory estimate for %s: %.1f MiB", rec.case, est.get("total", 0) / 2**20)
+                result = engine.compute(data)
+                pending.append((rec, writer.submit(_write, rec, result, out_dir)))
+            except Exception as err:  # one bad scan must not stop the batch
+                rec.status, rec.error = "failed", _reason(err)
+                log.error("%s: %s", rec.input, rec.error)
+            rec.seconds = round(time.perf_counter() - start, 3)
+            progress.update(i)
+        for rec, fut in pending:
+            try:
+                fut.result()
+                rec.status = "ok"
+            except Exception as err:
+                rec.status, rec.error = "failed", _reason(err)
+                log.error("%s: %s", rec.input, rec.error)
+    progress.close()
+    return records
+
+
+def _reason(err: Exception) -> str:
+    return str(err) if isinstance(err, MedsegError) else f"{type(err).__name__}: {err}"
+
+
+def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
+    scan, meta = Path(rec.input), result["meta"]
+    if "instances" in result:
+        inst = result["instances"]
+        dtype = np.uint16 if inst.max(initial=0) < 65536 else np.uint32
+        write_image(inst.astype(dtype), output_path(scan, out_dir, "_instances"), meta=meta)
+    if "probabilities" in result:
+        target = out_dir / f"{rec.case}_probabilities.npz"
+        tmp = target.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, probabilities=result["probabilities"])
+        tmp.replace(target)
+    write_image(result["labels"], Path(rec.output), meta=meta)  # written last: its presence means "done"
+
+
+def write_manifest(records: list[CaseRecord], out_dir: Path, skipped_inputs: list[Path], name: str) -> Path:
+    rows = [asdict(r) for r in records]
+    (out_dir / f"{name}.json").write_text(
+        json.dumps({"cases": rows, "skipped_inputs": [str(p) for p in skipped_inputs]}, indent=2)
+    )
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(CaseRecord.__annotations__))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out_dir / f"{name}.json"
+
+
+def run_predict_cli(args: argparse.Namespace) -> int:
+    if args.overlap is not None and not 0 <= args.overlap < 1:
+        raise ConfigError("--overlap", f"expected a value in [0, 1), got {args.overlap}")
+    if args.sw_batch_size is not None and args.sw_batch_size < 1:
+        raise ConfigError("--sw-batch-size", f"expected a positive integer, got {args.sw_batch_size}")
+    dinfo = dist.init_distributed(args.device)
+    try:
+        model, meta = load_trained_model(args.model, args.tracking_uri)
+        scans, skipped = list_inputs(args.input)
+        if dinfo.is_main:
+            for path in skipped:
+                print(f"skipped (hidden or not an image): {path}")
+        if not scans:
+            raise DataError(", ".join(args.input), "no scans to predict")
+        mine = dist.shard(scans, dinfo)
+        records = predict_batch(
+            model, meta, mine, args.output, device=dinfo.device, tta=args.tta, overlap=args.overlap,
+            sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
+            skip_existing=args.skip_existing, show_progress=dinfo.is_main,
+        )
+        name = "manifest" if not dinfo.enabled else f"manifest_rank{dinfo.rank}"
+        write_manifest(records, args.output, skipped if dinfo.is_main else [], name)
+        failed = [r for r in records if r.status == "failed"]
+        done = sum(r.status == "ok" for r in records)
+        print(f"predicted {done}, skipped {sum(r.status == 'skipped' for r in records)}, failed {len(failed)}"
+              f" -> {args.output}")
+        for r in failed:
+            print(f"FAILED {r.input}: {r.error}")
+        failed_any = dist.all_reduce_mean(float(bool(failed)), dinfo) > 0
+        return 1 if failed_any else 0
+    finally:
+        dist.cleanup_distributed()
