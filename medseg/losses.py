@@ -1,0 +1,234 @@
+"""Segmentation loss: soft Dice + pixel-weighted cross-entropy, with deep-supervision weighting.
+
+The Dice term is nnU-Net's *batch Dice*: intersections and volumes are summed over the batch and all
+pixels before the per-class ratio is taken. Training patches often hold no lesion at all; a per-sample
+Dice would be undefined (or pure smoothing noise) for such samples, while the batch Dice only needs the
+class somewhere in the batch.
+
+The cross-entropy term carries the per-pixel weight map (U-Net paper: high weight on thin borders
+between touching cells) and optional per-class weights. The weight map is not applied to the Dice term.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DS_WEIGHTINGS = ("halving", "equal")
+
+
+class LossOutput(NamedTuple):
+    """The loss and its unweighted parts.
+
+    Attributes:
+        total: scalar to call ``backward()`` on: ``dice_weight * dice + ce_weight * ce`` (averaged over
+            deep-supervision heads).
+        parts: detached scalars for logging, ``{"dice": 1 - soft Dice, "ce": weighted cross-entropy}``.
+    """
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class DiceWeightedCELoss(nn.Module):
+    """Soft batch Dice plus cross-entropy weighted per pixel and per class.
+
+    Args:
+        num_classes: number of output channels (background included), at least 2.
+        dice_weight: factor of the Dice term in ``total``.
+        ce_weight: factor of the cross-entropy term in ``total``.
+        include_background: whether class 0 takes part in the Dice mean (it always does in the CE).
+        class_weights: one non-negative weight per class for the CE term; ``None`` = all 1.
+        smooth: added to the Dice numerator and denominator; a class absent from the whole batch
+            then scores ~1 only if it is also (almost) never predicted.
+        ds_weights: weighting of deep-supervision heads: ``"halving"`` (head ``i`` gets ``1/2**i``) or
+            ``"equal"``; normalised to sum to 1 either way, so identical heads give the single-head loss.
+
+    Example:
+        >>> loss_fn = DiceWeightedCELoss(num_classes=3)
+        >>> out = loss_fn(logits, labels, weight=weight_map)  # logits B C H W, labels B 1 H W
+        >>> out.total.backward(); log(out.parts)
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dice_weight: float = 1.0,
+        ce_weight: float = 1.0,
+        include_background: bool = False,
+        class_weights: Sequence[float] | None = None,
+        smooth: float = 1e-5,
+        ds_weights: str = "halving",
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + at least one class), got {num_classes}")
+        if dice_weight < 0 or ce_weight < 0 or dice_weight + ce_weight == 0:
+            raise ValueError(
+                f"dice_weight and ce_weight must be >= 0 and not both 0, got {dice_weight} and {ce_weight}"
+            )
+        if ds_weights not in DS_WEIGHTINGS:
+            raise ValueError(f"unknown ds_weights '{ds_weights}'; expected one of: {', '.join(DS_WEIGHTINGS)}")
+        if class_weights is not None:
+            if len(class_weights) != num_classes or min(class_weights) < 0:
+                raise ValueError(
+                    f"class_weights must hold {num_classes} non-negative numbers (one per class), "
+                    f"got {list(class_weights)}"
+                )
+            self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32))
+        else:
+            self.class_weights = None
+        self.num_classes = num_classes
+        self.dice_weight = dice_weight
+        self.ce_weight = ce_weight
+        self.include_background = include_background
+        self.smooth = smooth
+        self.ds_weights = ds_weights
+
+    def forward(
+        self,
+        logits: torch.Tensor | Sequence[torch.Tensor],
+        target: torch.Tensor,
+        weight: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Compute the loss.
+
+        Args:
+            logits: ``B C H W [D]`` raw scores, or a list of them for deep supervision: element 0 at full
+                resolution, the others at their own (lower or equal) resolution.
+            target: ``B 1 H W [D]`` or ``B H W [D]`` class ids in ``[0, num_classes)`` (integer, or float
+                holding integers), at full resolution.
+            weight: optional per-pixel weights of the CE term, ``B 1 H W [D]`` or ``B H W [D]``, full
+                resolution.
+
+        Returns:
+            :class:`LossOutput` with ``total`` and detached ``parts``.
+
+        Raises:
+            ValueError: a channel count other than ``num_classes``, target or weight shapes that do not
+                match the logits, target values outside ``[0, num_classes)``, or a head larger than the
+                full-resolution target.
+        """
+        heads = [logits] if isinstance(logits, torch.Tensor) else list(logits)
+        if not heads:
+            raise ValueError("logits is an empty list; expected at least one B C H W [D] tensor")
+        target = self._check_target(heads[0], target)
+        weight = self._check_weight(target, weight)
+
+        head_weights = self._head_weights(len(heads))
+        total, dice_sum, ce_sum = 0.0, 0.0, 0.0
+        for i, (head, w_head) in enumerate(zip(heads, head_weights)):
+            self._check_head(i, head, heads[0])
+            t, w = _resize_to(head.shape[2:], target, weight)
+            dice = self._dice_loss(head, t)
+            ce = self._ce_loss(head, t, w)
+            total = total + w_head * (self.dice_weight * dice + self.ce_weight * ce)
+            dice_sum = dice_sum + w_head * dice.detach()
+            ce_sum = ce_sum + w_head * ce.detach()
+        return LossOutput(total, {"dice": dice_sum, "ce": ce_sum})
+
+    # -- the two terms (one head) ------------------------------------------------------------------------
+
+    def _dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # float32 whatever autocast chose: sums over millions of pixels overflow/round badly in fp16.
+        probs = torch.softmax(logits.float(), dim=1)
+        onehot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probs.dtype)
+        axes = [0, *range(2, probs.ndim)]  # batch Dice: sum over batch and space, keep classes
+        intersect = (probs * onehot).sum(axes)
+        volumes = probs.sum(axes) + onehot.sum(axes)
+        dice = (2 * intersect + self.smooth) / (volumes + self.smooth).clamp_min(1e-8)
+        if not self.include_background:
+            dice = dice[1:]
+        return 1 - dice.mean()
+
+    def _ce_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ce = F.cross_entropy(logits.float(), target, reduction="none")  # B H W [D]
+        w = torch.ones_like(ce) if weight is None else weight.float()
+        if self.class_weights is not None:
+            w = w * self.class_weights.to(ce.device)[target]  # works even if the module was not moved
+        # Normalising by the summed weights keeps the CE on the scale of a plain mean (comparable to the
+        # Dice term whatever the weight map's range); the weights still shift emphasis between pixels.
+        return (w * ce).sum() / w.sum().clamp_min(1e-8)
+
+    # -- checks and deep-supervision helpers -------------------------------------------------------------
+
+    def _head_weights(self, n: int) -> list[float]:
+        raw = [0.5**i for i in range(n)] if self.ds_weights == "halving" else [1.0] * n
+        return [r / sum(raw) for r in raw]
+
+    def _check_target(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.ndim not in (4, 5):
+            raise ValueError(f"logits must be B C H W [D] (2D or 3D), got shape {tuple(logits.shape)}")
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"logits have {logits.shape[1]} channels, expected num_classes={self.num_classes} "
+                f"(logits shape {tuple(logits.shape)})"
+            )
+        if target.ndim == logits.ndim and target.shape[1] == 1:
+            target = target[:, 0]
+        expected = (logits.shape[0], *logits.shape[2:])
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match logits {tuple(logits.shape)}; "
+                f"expected B 1 H W [D] or B H W [D] = {expected}"
+            )
+        if target.is_floating_point():
+            target = target.round()
+        target = target.long()
+        lo, hi = torch.aminmax(target)  # one device sync; avoids CUDA's cryptic device-side assert in CE
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= self.num_classes:
+            raise ValueError(
+                f"target values must lie in [0, {self.num_classes - 1}] (num_classes={self.num_classes}), "
+                f"got min {lo} and max {hi}"
+            )
+        return target
+
+    @staticmethod
+    def _check_weight(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | None:
+        if weight is None:
+            return None
+        if weight.ndim == target.ndim + 1 and weight.shape[1] == 1:
+            weight = weight[:, 0]
+        if weight.shape != target.shape:
+            raise ValueError(
+                f"weight shape {tuple(weight.shape)} does not match the target; expected "
+                f"B 1 H W [D] or B H W [D] = {tuple(target.shape)}"
+            )
+        return weight
+
+    @staticmethod
+    def _check_head(i: int, head: torch.Tensor, full: torch.Tensor) -> None:
+        if head.shape[:2] != full.shape[:2] or head.ndim != full.ndim:
+            raise ValueError(
+                f"deep-supervision head {i} has shape {tuple(head.shape)}; expected B={full.shape[0]}, "
+                f"C={full.shape[1]} and {full.ndim - 2} spatial dims like head 0 {tuple(full.shape)}"
+            )
+        if any(h > f for h, f in zip(head.shape[2:], full.shape[2:])):
+            raise ValueError(
+                f"deep-supervision head {i} spatial size {tuple(head.shape[2:])} exceeds the full "
+                f"resolution {tuple(full.shape[2:])}; heads must be at full or lower resolution"
+            )
+
+
+def _resize_to(
+    size: Sequence[int], target: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Resize the ``B H W [D]`` target (nearest) and weight map (area average) to a head's spatial size.
+
+    Labels must stay class ids, hence nearest. The weight map is averaged instead: a one-pixel border
+    ridge survives a stride-2 nearest sampling only at one phase out of two, whereas the average keeps
+    its mass, so the coarse heads still emphasise the borders.
+    """
+    size = tuple(size)
+    if size == tuple(target.shape[1:]):
+        return target, weight
+    t = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
+    if weight is None:
+        return t, None
+    pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d
+    return t, pool(weight[:, None].float(), size)[:, 0]

@@ -1,0 +1,180 @@
+"""DiceWeightedCELoss: invariants (perfect ~ 0, good < bad, weights shift cost), deep supervision, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medseg.losses import DiceWeightedCELoss, LossOutput, _resize_to
+
+
+def _labels(shape=(2, 16, 16), num_classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, num_classes, shape, generator=g)
+    t.view(-1)[:num_classes] = torch.arange(num_classes)  # every class present somewhere in the batch
+    return t
+
+
+def _logits_for(target, num_classes, margin=20.0):
+    """Logits whose argmax is ``target``, confident by ``margin``."""
+    return margin * F.one_hot(target, num_classes).movedim(-1, 1).float()
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16), (2, 8, 10, 6)])
+def test_perfect_logits_give_about_zero(shape):
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels(shape)
+    out = loss(_logits_for(t, 3), t)
+    assert isinstance(out, LossOutput)
+    assert out.total.ndim == 0 and out.total.item() < 1e-4
+    assert set(out.parts) == {"dice", "ce"}
+
+
+def test_good_costs_less_than_bad():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels()
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    good = _logits_for(t, 3, margin=3.0) + noise
+    bad = _logits_for((t + 1) % 3, 3, margin=3.0) + noise
+    out_good, out_bad = loss(good, t), loss(bad, t)
+    assert out_good.total < out_bad.total
+    assert out_good.parts["dice"] < out_bad.parts["dice"] and out_good.parts["ce"] < out_bad.parts["ce"]
+
+
+def test_error_costs_more_where_the_weight_map_is_high():
+    loss = DiceWeightedCELoss(num_classes=2)
+    t = torch.zeros(1, 16, 16, dtype=torch.long)
+    t[:, 4:12, 4:12] = 1
+    weight = torch.ones(1, 1, 16, 16)
+    weight[0, 0, 4, 4] = 10.0  # a "border" pixel of the object
+    costs = []
+    for pixel in [(4, 4), (8, 8)]:  # same wrong prediction (background) at weight 10, then at weight 1
+        wrong = t.clone()
+        wrong[0, pixel[0], pixel[1]] = 0
+        costs.append(loss(_logits_for(wrong, 2, margin=5.0), t, weight=weight))
+    assert costs[0].total > costs[1].total
+    assert costs[0].parts["ce"] > 5 * costs[1].parts["ce"]  # the CE carries the map (about 10x)
+    assert torch.isclose(costs[0].parts["dice"], costs[1].parts["dice"])  # the Dice does not
+
+
+def test_class_weights_raise_the_cost_of_that_class():
+    t = _labels()
+    wrong = t.clone()
+    wrong[t == 2] = 0  # every class-2 pixel missed
+    logits = _logits_for(wrong, 3, margin=3.0)
+    plain = DiceWeightedCELoss(num_classes=3)(logits, t)
+    heavy = DiceWeightedCELoss(num_classes=3, class_weights=[1.0, 1.0, 10.0])(logits, t)
+    assert heavy.parts["ce"] > plain.parts["ce"]
+
+
+def test_include_background_changes_the_dice_mean():
+    # Background perfect, the small foreground object missed entirely.
+    t = torch.zeros(1, 16, 16, dtype=torch.long)
+    t[:, 2:4, 2:4] = 1
+    logits = _logits_for(torch.zeros_like(t), 2)
+    without_bg = DiceWeightedCELoss(num_classes=2, include_background=False)(logits, t).parts["dice"]
+    with_bg = DiceWeightedCELoss(num_classes=2, include_background=True)(logits, t).parts["dice"]
+    assert without_bg.item() == pytest.approx(1.0, abs=1e-3)
+    assert with_bg < without_bg
+
+
+@pytest.mark.parametrize("ds_weights", ["halving", "equal"])
+def test_identical_full_res_heads_equal_the_single_head_loss(ds_weights):
+    loss = DiceWeightedCELoss(num_classes=3, ds_weights=ds_weights)
+    t = _labels()
+    logits = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    weight = 1 + torch.rand(2, 1, 16, 16)
+    single = loss(logits, t, weight)
+    multi = loss([logits, logits.clone(), logits.clone()], t, weight)
+    torch.testing.assert_close(multi.total, single.total)
+    for k in single.parts:
+        torch.testing.assert_close(multi.parts[k], single.parts[k])
+
+
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 12, 16)])
+def test_lower_resolution_heads_use_the_nearest_downsampled_target(spatial):
+    loss = DiceWeightedCELoss(num_classes=3)
+    quarter = _labels((2, *[s // 4 for s in spatial]))
+    t = quarter
+    for dim in range(1, t.ndim):  # blocks of 4, so every head's target holds every class
+        t = t.repeat_interleave(4, dim=dim)
+    half = t[(slice(None), *[slice(None, None, 2)] * len(spatial))]
+    heads = [_logits_for(t, 3), _logits_for(half, 3), _logits_for(quarter, 3)]
+    out = loss(heads, t[:, None], weight=torch.rand(2, 1, *spatial) + 0.5)
+    assert out.total.item() < 1e-4  # every head is perfect for its own resized target
+    heads[2] = _logits_for((quarter + 1) % 3, 3)
+    assert loss(heads, t).total.item() > 0.1  # and a wrong low-resolution head is penalised
+
+
+def test_weight_map_downsampling_keeps_a_thin_ridge():
+    weight = torch.ones(1, 8, 8)
+    weight[:, :, 3] = 10.0  # one-pixel ridge on an odd column: nearest (stride 2) would drop it
+    _, pooled = _resize_to((4, 4), torch.zeros(1, 8, 8, dtype=torch.long), weight)
+    assert pooled.mean().item() == pytest.approx(weight.mean().item())
+    assert pooled.max().item() > 1.0
+
+
+def test_gradient_flows_to_every_head():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels()
+    heads = [torch.randn(2, 3, 16, 16, requires_grad=True), torch.randn(2, 3, 8, 8, requires_grad=True)]
+    loss(heads, t, weight=torch.rand(2, 16, 16)).total.backward()
+    for h in heads:
+        assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_half_precision_logits_are_computed_in_float32():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels()
+    out = loss(_logits_for(t, 3, margin=3.0).half(), t)
+    assert out.total.dtype == torch.float32 and torch.isfinite(out.total)
+
+
+def test_target_and_weight_layouts_are_equivalent():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels()
+    logits = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    weight = torch.rand(2, 16, 16) + 0.5
+    ref = loss(logits, t, weight).total
+    torch.testing.assert_close(loss(logits, t[:, None], weight[:, None]).total, ref)
+    torch.testing.assert_close(loss(logits, t[:, None].float(), weight).total, ref)  # float labels
+
+
+@pytest.mark.parametrize(
+    "logits_shape, target, weight, match",
+    [
+        ((2, 4, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long), None, "4 channels, expected num_classes=3"),
+        ((2, 3, 16, 16), torch.zeros(2, 16, 8, dtype=torch.long), None, r"target shape \(2, 16, 8\)"),
+        ((2, 3, 16, 16), torch.full((2, 16, 16), 3), None, r"\[0, 2\].*max 3"),
+        ((2, 3, 16, 16), torch.full((2, 16, 16), -1), None, "min -1"),
+        ((2, 3, 16, 16), torch.zeros(2, 16, 16, dtype=torch.long), torch.ones(2, 8, 8), r"weight shape \(2, 8, 8\)"),
+        ((3, 16, 16), torch.zeros(3, 16, dtype=torch.long), None, "B C H W"),
+    ],
+)
+def test_mismatches_raise_expected_vs_received(logits_shape, target, weight, match):
+    with pytest.raises(ValueError, match=match):
+        DiceWeightedCELoss(num_classes=3)(torch.zeros(logits_shape), target, weight)
+
+
+def test_bad_heads_raise():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = torch.zeros(2, 8, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="head 1 spatial size"):
+        loss([torch.zeros(2, 3, 8, 8), torch.zeros(2, 3, 16, 16)], t)
+    with pytest.raises(ValueError, match="head 1 has shape"):
+        loss([torch.zeros(2, 3, 8, 8), torch.zeros(2, 2, 4, 4)], t)
+    with pytest.raises(ValueError, match="empty list"):
+        loss([], t)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 3, "class_weights": [1.0, 2.0]}, "3 non-negative numbers"),
+        ({"num_classes": 3, "ds_weights": "linear"}, "halving, equal"),
+        ({"num_classes": 3, "dice_weight": 0, "ce_weight": 0}, "not both 0"),
+    ],
+)
+def test_bad_config_raises(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DiceWeightedCELoss(**kwargs)
