@@ -1,0 +1,104 @@
+"""SegNet (Badrinarayanan, Kendall and Cipolla, 2015; TPAMI 2017), 2D and 3D.
+
+A VGG16-style encoder (13 conv-BN-ReLU layers in 5 stages of 2, 2, 3, 3, 3 convolutions, each stage ending in
+a 2x max-pool) whose pooling indices are carried to a mirrored decoder: every decoder stage max-unpools with
+the indices of its encoder stage (no learned upsampling, no skip features) and then convolves the sparse map.
+The last decoder convolution gives the logits (no norm, no activation). The classic configuration
+(``in_channels=3, num_classes=12``, the defaults below) has 29,449,932 parameters (the paper: 29.5M).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medseg.nets.blocks import (
+    ACTIVATIONS,
+    NORMS,
+    ConvNormAct,
+    check_choice,
+    check_common,
+    check_dropout,
+    check_int,
+    conv_layer,
+    crop_to,
+    max_pool,
+    pad_to_multiple,
+)
+
+
+class SegNet(nn.Module):
+    """SegNet encoder-decoder with max-pooling indices.
+
+    Stage ``i`` (0-based) has ``features * min(2**i, 8)`` channels and 2 convolutions for ``i < 2``, else 3,
+    so ``features=64, depth=5`` is VGG16's convolutional part. Any input size works: the input is padded to
+    a multiple of ``2**depth`` and the logits cropped back (see :mod:`medseg.nets.blocks`).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the image.
+        num_classes: logits channels (background included).
+        features: channels of the first stage (VGG16: 64).
+        depth: number of stages, i.e. of 2x poolings (VGG16: 5).
+        norm: ``"batch"`` (the paper), ``"instance"`` or ``"none"``.
+        activation: ``"relu"`` (the paper), ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
+        dropout: channel-dropout rate after every hidden convolution, in [0, 1) (Bayesian SegNet uses 0.5).
+
+    Attributes:
+        deep_supervision: always False; SegNet has a single head.
+
+    Returns from ``forward(x)`` with ``x`` of shape ``B in_channels *S``: logits ``B num_classes *S``.
+    """
+
+    deep_supervision = False
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        features: int = 64,
+        depth: int = 5,
+        norm: str = "batch",
+        activation: str = "relu",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        check_common(spatial_dims, in_channels, num_classes)
+        check_int("features", features)
+        self.depth = check_int("depth", depth)
+        kw = dict(
+            norm=check_choice("norm", norm, NORMS),
+            activation=check_choice("activation", activation, ACTIVATIONS),
+            dropout=check_dropout(dropout),
+        )
+        ch = [features * min(2**i, 8) for i in range(depth)]
+        n_convs = [2 if i < 2 else 3 for i in range(depth)]
+
+        def convs(widths: list[int]) -> list[nn.Module]:
+            return [ConvNormAct(spatial_dims, a, b, **kw) for a, b in zip(widths, widths[1:])]
+
+        encoder = [
+            nn.Sequential(*convs([in_channels if i == 0 else ch[i - 1]] + [ch[i]] * n_convs[i])) for i in range(depth)
+        ]
+        # mirrored, coarsest stage first; a stage's last conv narrows to the next stage's width, and the
+        # very last one gives the logits
+        decoder = [nn.Sequential(*convs([ch[i]] * n_convs[i] + [ch[i - 1]])) for i in reversed(range(1, depth))]
+        decoder.append(nn.Sequential(*convs([ch[0]] * n_convs[0]), conv_layer(spatial_dims, ch[0], num_classes)))
+        self.encoder = nn.ModuleList(encoder)
+        self.decoder = nn.ModuleList(decoder)
+        self.pool = max_pool(spatial_dims, return_indices=True)
+        self.unpool = (nn.MaxUnpool2d if spatial_dims == 2 else nn.MaxUnpool3d)(2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = list(x.shape[2:])
+        x = pad_to_multiple(x, 2**self.depth)
+
+        indices = []
+        for stage in self.encoder:
+            x, idx = self.pool(stage(x))
+            indices.append(idx)
+        for stage in self.decoder:
+            x = stage(self.unpool(x, indices.pop()))
+
+        return crop_to(x, size)

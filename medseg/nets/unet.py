@@ -1,0 +1,116 @@
+"""UNet (Ronneberger, Fischer and Brox, MICCAI 2015), 2D and 3D.
+
+An encoder of ``depth`` down blocks doubling the features, a mirrored decoder of up blocks with skip
+connections, and a 1x1 head. Differences from the paper: same-size convolutions instead of valid ones (the
+output covers the whole input, no overlap-tile needed), and optional norm, dropout, interpolation
+upsampling and deep-supervision heads. The paper's network is
+``UNet(spatial_dims=2, in_channels=1, num_classes=2, features=64, depth=4, norm="none",
+activation="relu", upsample="transpose")``, 31,030,658 parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medseg.nets.blocks import (
+    ACTIVATIONS,
+    NORMS,
+    UPSAMPLES,
+    DoubleConv,
+    Down,
+    Up,
+    check_bool,
+    check_choice,
+    check_common,
+    check_dropout,
+    check_int,
+    coarse_size,
+    conv_layer,
+    crop_to,
+    pad_to_multiple,
+)
+
+
+class UNet(nn.Module):
+    """UNet with configurable depth, width, norm, activation, dropout, upsampling and deep supervision.
+
+    Any input size works: the input is padded to a multiple of ``2**depth`` and the logits cropped back
+    (see :mod:`medseg.nets.blocks`).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the image.
+        num_classes: logits channels (background included).
+        features: features of the first level; level ``i`` has ``features * 2**i``.
+        depth: number of 2x downsamplings (the paper: 4).
+        norm: ``"batch"``, ``"instance"`` or ``"none"``.
+        activation: ``"relu"``, ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
+        dropout: channel-dropout rate after every convolution, in [0, 1).
+        upsample: ``"transpose"`` (2x2 up-convolution) or ``"linear"`` (bi/trilinear + 1x1 conv).
+        deep_supervision: add a 1x1 head to decoder levels 1..depth-1.
+
+    Returns from ``forward(x)`` with ``x`` of shape ``B in_channels *S``:
+        eval mode, or no deep supervision: logits ``B num_classes *S``.
+        training mode with deep supervision: ``[logits, head_1, ..., head_{depth-1}]`` where ``head_k``
+        is ``B num_classes *ceil(S / 2**k)`` (coarser decoder levels, not upsampled).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        features: int = 32,
+        depth: int = 4,
+        norm: str = "instance",
+        activation: str = "leaky_relu",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        deep_supervision: bool = False,
+    ):
+        super().__init__()
+        check_common(spatial_dims, in_channels, num_classes)
+        check_int("features", features)
+        self.depth = check_int("depth", depth)
+        kw = dict(
+            norm=check_choice("norm", norm, NORMS),
+            activation=check_choice("activation", activation, ACTIVATIONS),
+            dropout=check_dropout(dropout),
+        )
+        check_choice("upsample", upsample, UPSAMPLES)
+        self.deep_supervision = check_bool("deep_supervision", deep_supervision)
+
+        ch = [features * 2**i for i in range(depth + 1)]
+        self.stem = DoubleConv(spatial_dims, in_channels, ch[0], **kw)
+        self.downs = nn.ModuleList(Down(spatial_dims, ch[i], ch[i + 1], **kw) for i in range(depth))
+        # ups[0] goes from the bottleneck (level depth) to level depth-1, ups[-1] ends at full resolution
+        self.ups = nn.ModuleList(
+            Up(spatial_dims, ch[i + 1], ch[i], ch[i], upsample, **kw) for i in reversed(range(depth))
+        )
+        self.head = conv_layer(spatial_dims, ch[0], num_classes, kernel_size=1)
+        # aux_heads[k-1] reads decoder level k (1 <= k < depth)
+        self.aux_heads = nn.ModuleList(
+            conv_layer(spatial_dims, ch[k], num_classes, kernel_size=1)
+            for k in range(1, depth if deep_supervision else 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        size = list(x.shape[2:])
+        x = pad_to_multiple(x, 2**self.depth)
+
+        x = self.stem(x)
+        skips = []
+        for down in self.downs:
+            skips.append(x)
+            x = down(x)
+
+        with_heads = self.training and self.deep_supervision
+        aux = []  # head outputs, coarsest first; computed on the way so decoder maps can be freed
+        for level, up in zip(reversed(range(self.depth)), self.ups):
+            x = up(x, [skips.pop()])
+            if with_heads and level > 0:
+                aux.append(crop_to(self.aux_heads[level - 1](x), coarse_size(size, level)))
+
+        logits = crop_to(self.head(x), size)
+        return [logits, *reversed(aux)] if with_heads else logits

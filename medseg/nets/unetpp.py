@@ -1,0 +1,144 @@
+"""UNet++ (Zhou, Rahman Siddiquee, Tajbakhsh and Liang, DLMIA 2018), 2D and 3D.
+
+Nodes ``x_i_j`` as in the paper's figure: row ``i`` is the resolution (``i`` halvings), column ``j`` the
+position along the nested skip pathway. ``x_i_0`` is the backbone encoder and
+
+    x_i_j = H([x_i_0, ..., x_i_{j-1}, U(x_{i+1}_{j-1})])    for j >= 1,
+
+with ``H`` two conv-norm-activation layers and ``U`` a 2x upsampling. A 1x1 head reads each top-row node
+``x_0_j``; with deep supervision all heads ``x_0_1 .. x_0_depth`` are trained, so the network can be pruned
+at inference to the sub-network UNet++ L (nodes up to ``x_0_L``, ``L`` halvings) without retraining.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from medseg.errors import ConfigError
+from medseg.nets.blocks import (
+    ACTIVATIONS,
+    NORMS,
+    UPSAMPLES,
+    DoubleConv,
+    Down,
+    Up,
+    check_bool,
+    check_choice,
+    check_common,
+    check_dropout,
+    check_int,
+    conv_layer,
+    crop_to,
+    pad_to_multiple,
+)
+
+
+class UNetPlusPlus(nn.Module):
+    """UNet++ with nested dense skip pathways, deep supervision and pruned inference.
+
+    Any input size works: the input is padded to a multiple of ``2**L`` (``L`` the levels that run) and
+    the logits cropped back (see :mod:`medseg.nets.blocks`).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: channels of the image.
+        num_classes: logits channels (background included).
+        features: features of row 0; row ``i`` has ``features * 2**i`` (the paper: 32).
+        depth: number of 2x downsamplings, the rows below the top one (the paper: 4).
+        norm: ``"batch"``, ``"instance"`` or ``"none"``.
+        activation: ``"relu"``, ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
+        dropout: channel-dropout rate after every convolution, in [0, 1).
+        upsample: ``"transpose"`` or ``"linear"`` (see :class:`~medseg.nets.blocks.Upsample`).
+        deep_supervision: train a head on every top-row node (the paper's default, needed for pruning);
+            if False only ``x_0_depth`` has a head.
+        prune_level: ``L`` in 1..depth, the sub-network run in eval mode (default None: ``depth``, the
+            whole network). Levels below ``depth`` need ``deep_supervision=True``. Training always runs the
+            whole network. Also a settable attribute: ``model.prune_level = 2``.
+
+    Returns from ``forward(x)`` with ``x`` of shape ``B in_channels *S``:
+        eval mode: logits ``B num_classes *S`` of the head on ``x_0_L``.
+        training mode with deep supervision: ``[head(x_0_depth), head(x_0_1), ..., head(x_0_{depth-1})]``,
+        every element ``B num_classes *S``.
+        training mode without: ``head(x_0_depth)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_classes: int,
+        features: int = 32,
+        depth: int = 4,
+        norm: str = "instance",
+        activation: str = "leaky_relu",
+        dropout: float = 0.0,
+        upsample: str = "transpose",
+        deep_supervision: bool = True,
+        prune_level: int | None = None,
+    ):
+        super().__init__()
+        check_common(spatial_dims, in_channels, num_classes)
+        check_int("features", features)
+        self.depth = check_int("depth", depth)
+        kw = dict(
+            norm=check_choice("norm", norm, NORMS),
+            activation=check_choice("activation", activation, ACTIVATIONS),
+            dropout=check_dropout(dropout),
+        )
+        check_choice("upsample", upsample, UPSAMPLES)
+        self.deep_supervision = check_bool("deep_supervision", deep_supervision)
+        self._prune_level = depth
+
+        ch = [features * 2**i for i in range(depth + 1)]
+        nodes = {"x_0_0": DoubleConv(spatial_dims, in_channels, ch[0], **kw)}
+        for i in range(1, depth + 1):
+            nodes[f"x_{i}_0"] = Down(spatial_dims, ch[i - 1], ch[i], **kw)
+        for j in range(1, depth + 1):
+            for i in range(depth + 1 - j):
+                nodes[f"x_{i}_{j}"] = Up(spatial_dims, ch[i + 1], j * ch[i], ch[i], upsample, **kw)
+        self.nodes = nn.ModuleDict(nodes)
+        # heads["j"] reads x_0_j
+        self.heads = nn.ModuleDict(
+            {
+                str(j): conv_layer(spatial_dims, ch[0], num_classes, kernel_size=1)
+                for j in range(1 if deep_supervision else depth, depth + 1)
+            }
+        )
+        if prune_level is not None:
+            self.prune_level = prune_level
+
+    @property
+    def prune_level(self) -> int:
+        return self._prune_level
+
+    @prune_level.setter
+    def prune_level(self, level: int) -> None:
+        check_int("prune_level", level)
+        if level > self.depth:
+            raise ConfigError("model.params.prune_level", f"expected 1..{self.depth} (depth), got {level}")
+        if str(level) not in self.heads:
+            raise ConfigError(
+                "model.params.prune_level",
+                f"level {level} has no trained head; pruning below depth {self.depth} needs deep_supervision",
+            )
+        self._prune_level = level
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        levels = self.depth if self.training else self._prune_level
+        size = list(x.shape[2:])
+        x = pad_to_multiple(x, 2**levels)
+
+        # rows[i] holds x_i_0, x_i_1, ... as they are computed, one backbone step (and its diagonal) at a time
+        rows: list[list[torch.Tensor]] = [[self.nodes["x_0_0"](x)]]
+        for i in range(1, levels + 1):
+            rows.append([self.nodes[f"x_{i}_0"](rows[i - 1][0])])
+            for j in range(1, i + 1):
+                r = i - j  # x_r_j, fed by x_{r+1}_{j-1} and the row's x_r_0..x_r_{j-1}
+                rows[r].append(self.nodes[f"x_{r}_{j}"](rows[r + 1][j - 1], rows[r]))
+
+        top = rows[0]  # x_0_0 .. x_0_levels
+        logits = crop_to(self.heads[str(levels)](top[levels]), size)
+        if not (self.training and self.deep_supervision):
+            return logits
+        return [logits, *(crop_to(self.heads[str(j)](top[j]), size) for j in range(1, levels))]
