@@ -1,0 +1,63 @@
+"""Transforms: augmentation and targets as MONAI dictionary transforms, 2D and 3D.
+
+``functional`` (pure ops: warps, border weight map) -> ``array`` (one tensor) -> ``dictionary``
+(``...d`` MapTransforms, one random draw for all keys) -> ``presets`` (named pipelines from config).
+"""
+
+from medseg.transforms.array import (
+    BorderWeightMap,
+    ClassWeightMap,
+    InstanceToSemantic,
+    PercentileNormalize,
+    RandColorJitter,
+    RandElastic,
+    RandOpticalDistortion,
+)
+from medseg.transforms.dictionary import (
+    BorderWeightMapd,
+    ClassWeightMapd,
+    InstanceToSemanticd,
+    PercentileNormalized,
+    RandColorJitterd,
+    RandElasticd,
+    RandOpticalDistortiond,
+    RandRot90d,
+)
+from medseg.transforms.functional import border_weight_map, class_balance_map, instances_to_semantic
+from medseg.transforms.presets import (
+    PRESETS,
+    build_augmentation,
+    build_mirror_pad,
+    build_normalization,
+    build_preprocessing,
+    preset_parameters,
+    preview_samples,
+)
+
+__all__ = [
+    "PRESETS",
+    "BorderWeightMap",
+    "BorderWeightMapd",
+    "ClassWeightMap",
+    "ClassWeightMapd",
+    "InstanceToSemantic",
+    "InstanceToSemanticd",
+    "PercentileNormalize",
+    "PercentileNormalized",
+    "RandColorJitter",
+    "RandColorJitterd",
+    "RandElastic",
+    "RandElasticd",
+    "RandOpticalDistortion",
+    "RandOpticalDistortiond",
+    "RandRot90d",
+    "border_weight_map",
+    "build_augmentation",
+    "build_mirror_pad",
+    "build_normalization",
+    "build_preprocessing",
+    "class_balance_map",
+    "instances_to_semantic",
+    "preset_parameters",
+    "preview_samples",
+]
