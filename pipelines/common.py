@@ -8,13 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import monai.transforms as T
-import torch
 
 from medseg.config import ExperimentConfig
 from medseg.data.datalist import DatasetInfo, discover
 from medseg.data.io import load_transforms
 from medseg.errors import ConfigError, DataError
-from medseg.transforms.presets import build_augmentation, build_normalization, build_preprocessing
+from medseg.transforms.presets import (
+    build_augmentation,
+    build_mirror_pad,
+    build_normalization,
+    build_preprocessing,
+)
 
 LABEL_KEYS = ("label", "instance", "weight")
 
@@ -74,27 +78,30 @@ def training_transform(cfg: ExperimentConfig) -> T.Compose:
     Everything before the patch sampling is deterministic and cached by CacheDataset; the rest is drawn anew for
     every sample. Patches are centred on foreground with probability ``transforms.foreground_ratio``.
     """
+    return T.Compose(_preprocessing(cfg, with_label=True) + sampling_and_augmentation(cfg))
+
+
+def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
+    """The random part of the training chain: pad to the patch, sample a patch, augment it."""
     tcfg = cfg.transforms
     keys = ["image", "label"] + (["weight"] if tcfg.weight_map.enabled else [])
     ratio = tcfg.foreground_ratio
-    chain = _preprocessing(cfg, with_label=True)
-    chain += [
+    return [
         T.SelectItemsd(keys=keys),
-        T.SpatialPadd(keys=keys, spatial_size=tcfg.patch_size, mode="constant"),
+        build_mirror_pad(tcfg.patch_size, keys=keys),  # images smaller than a patch: mirrored context
         T.RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=tcfg.patch_size,
-            pos=ratio,
-            neg=1.0 - ratio,
-            num_samples=1,
+            keys=keys, label_key="label", spatial_size=tcfg.patch_size, pos=ratio, neg=1.0 - ratio, num_samples=1,
             allow_smaller=False,
         ),
         build_augmentation(
             tcfg.augmentation.preset, tcfg.augmentation.params, spatial_dims=cfg.data.spatial_dims, label_keys=keys[1:]
         ),
     ]
-    return T.Compose(chain)
+
+
+def preprocessing_transform(cfg: ExperimentConfig) -> T.Compose:
+    """The deterministic part of the training chain alone (augment-preview starts from it)."""
+    return T.Compose(_preprocessing(cfg, with_label=True))
 
 
 def validation_transform(cfg: ExperimentConfig) -> T.Compose:
@@ -138,9 +145,3 @@ def dataset_fingerprint(info: DatasetInfo) -> str:
     return h.hexdigest()[:12]
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", "cuda was asked for but no CUDA device is available")
-    if name in ("cuda", "auto") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")

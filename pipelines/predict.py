@@ -27,7 +27,7 @@ from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError, DataError, MedsegError
 from medseg.inference import SlidingWindowPredictor
 from medseg.nets import build_network
-from medseg.postprocess import cell_instances
+from medseg.postprocess import cell_instances, probabilities_to_labels
 from pipelines.common import prediction_transform
 from pipelines.progress import Progress
 
@@ -130,12 +130,14 @@ class Predictor:
 
     def compute(self, data: dict) -> dict[str, Any]:
         image = data["image"]
-        probs = self.window(image)
         meta = image.meta
+        if not (self.instances or self.probabilities or self.meta.get("spacing") is not None):
+            # labels only: streamed slab by slab, never the K x volume of class probabilities in memory
+            return {"meta": meta, "labels": self.window.predict_labels(image)}
+        probs = self.window(image)
         if self.meta.get("spacing") is not None:  # back to the scan's own grid through MONAI's inverse
             probs, meta = self._invert(data, probs)
-        out: dict[str, Any] = {"meta": meta}
-        out["labels"] = probs.argmax(0).cpu().numpy().astype(np.uint8 if probs.shape[0] < 256 else np.uint16)
+        out: dict[str, Any] = {"meta": meta, "labels": probabilities_to_labels(probs)}
         if self.instances:
             out["instances"] = cell_instances(
                 probs.cpu().numpy(), cell_class=self.cell_class, border_class=self.border_class,
@@ -224,6 +226,17 @@ def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
     write_image(result["labels"], Path(rec.output), meta=meta)  # written last: its presence means "done"
 
 
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """Hidden ``.<name>.*.tmp`` folders that atomic writes of a killed run left behind."""
+    import shutil
+
+    if out_dir.is_dir():
+        for tmp in out_dir.glob(".*.tmp"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.info("removed %s, left by an interrupted run", tmp)
+
+
 def write_manifest(records: list[CaseRecord], out_dir: Path, skipped_inputs: list[Path], name: str) -> Path:
     rows = [asdict(r) for r in records]
     (out_dir / f"{name}.json").write_text(
@@ -250,6 +263,9 @@ def run_predict_cli(args: argparse.Namespace) -> int:
                 print(f"skipped (hidden or not an image): {path}")
         if not scans:
             raise DataError(", ".join(args.input), "no scans to predict")
+        if dinfo.is_main:
+            remove_stale_temporaries(args.output)
+        dist.barrier(dinfo)
         mine = dist.shard(scans, dinfo)
         records = predict_batch(
             model, meta, mine, args.output, device=dinfo.device, tta=args.tta, overlap=args.overlap,

@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-import medseg
 from medseg.config import ExperimentConfig, config_to_dict, dump_config, load_config
 from medseg.data.datalist import to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch, split_cases
@@ -224,8 +223,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
             tracker.log_params(config_to_dict(cfg))
             tags = environment_tags()
             tags.update({
-                "dataset_fingerprint": dataset_fingerprint(info), "device": str(device),
-                "world_size": str(dinfo.world_size), "medseg_version": medseg.__version__,
+                "medseg.dataset_fingerprint": dataset_fingerprint(info), "medseg.device": str(device),
+                "medseg.world_size": str(dinfo.world_size), "medseg.dataset": str(cfg.data.root),
             })
             tracker.set_tags(tags)
     run_id = dist.broadcast_object(run_id, dinfo)
