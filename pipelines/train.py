@@ -49,8 +49,9 @@ log = logging.getLogger("medseg.train")
 class TrainResult:
     output_dir: Path
     epochs_run: int
-    best_metric: float | None
+    best_metric: float | None  # validation mean foreground-class Dice (selects the best checkpoint)
     best_epoch: int | None
+    best_foreground_dice: float | None  # all foreground classes as one, at the best epoch
     run_id: str | None
     interrupted: str | None  # the signal's name when a signal stopped the run
 
@@ -91,8 +92,9 @@ def run_train_cli(args: argparse.Namespace) -> int:
     if result.interrupted:
         print(f"interrupted by {result.interrupted}; checkpoint saved. Continue with: --resume auto")
         return 128 + int(getattr(signal, result.interrupted))
-    if result.best_metric is not None:
-        print(f"best validation foreground Dice {result.best_metric:.4f} at epoch {result.best_epoch}")
+    if result.best_metric is not None and result.best_foreground_dice is not None:
+        print(f"best validation foreground Dice {result.best_foreground_dice:.4f} (mean of per-class Dice "
+              f"{result.best_metric:.4f}) at epoch {result.best_epoch}")
     print(f"run folder: {result.output_dir}" + (f"   MLflow run: {result.run_id}" if result.run_id else ""))
     return 0
 
@@ -187,7 +189,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
 
     # ---- resume
     ckpt_dir = output_dir / "checkpoints"
-    start_epoch, step, skip, best, best_epoch, run_id = 0, 0, 0, None, None, None
+    start_epoch, step, skip, best, best_epoch, best_fg, run_id = 0, 0, 0, None, None, None, None
     history: dict[str, list[float]] = {}
     resume_from = _resume_path(resume, output_dir)
     if resume_from is not None:
@@ -198,7 +200,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         skip = int(state.get("step_in_epoch", 0))
-        best, best_epoch = state.get("best_metric"), state.get("best_epoch")
+        best, best_epoch, best_fg = state.get("best_metric"), state.get("best_epoch"), state.get("best_foreground")
         run_id, history = state.get("mlflow_run_id"), dict(state.get("history", {}))
         restore_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d (+%d steps)", resume_from, start_epoch, skip)
@@ -234,7 +236,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-            "best_metric": best, "best_epoch": best_epoch, "rng": capture_rng_state(),
+            "best_metric": best, "best_epoch": best_epoch, "best_foreground": best_fg, "rng": capture_rng_state(),
             "config": config_to_dict(cfg), "metadata": metadata, "mlflow_run_id": run_id, "history": history,
         })
 
@@ -289,6 +291,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
             )
             if improved:
                 best, best_epoch, since_best = val_metric, epoch + 1, 0
+                best_fg = metrics.get("val_dice_foreground")
             elif val_metric is not None:
                 since_best += 1
             for k, v in metrics.items():
@@ -309,7 +312,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
     if dinfo.is_main:
         _finish(output_dir, tracker, model, metadata, history, per_case, examples, cfg, interrupted)
     dist.barrier(dinfo)
-    return TrainResult(output_dir, epoch, best, best_epoch, run_id, interrupted)
+    return TrainResult(output_dir, epoch, best, best_epoch, best_fg, run_id, interrupted)
 
 
 def _log_epoch(epoch: int, metrics: dict[str, float], res) -> None:

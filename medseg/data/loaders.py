@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset
 from monai.data.utils import set_rnd
+from monai.data.utils import worker_init_fn as monai_worker_init
 from torch.utils.data import Sampler
 
 
@@ -104,7 +105,15 @@ def make_train_loader(
         drop_last=False,
         generator=torch.Generator(),
         persistent_workers=False,
+        worker_init_fn=_worker_init,
     )
+
+
+def _worker_init(worker_id: int) -> None:
+    """One intra-op thread per loader worker (the main process' threads already use the cores), then MONAI's
+    per-worker seeding of the random transforms."""
+    torch.set_num_threads(1)
+    monai_worker_init(worker_id)
 
 
 def seed_epoch(loader: DataLoader, seed: int, epoch: int) -> None:

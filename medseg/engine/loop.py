@@ -148,7 +148,8 @@ def train_one_epoch(
 
 @dataclass
 class ValidationResult:
-    """Per-case and mean Dice per class (classes absent from both prediction and reference are skipped)."""
+    """Per-case and mean Dice: per foreground class, their mean, and of all foreground as one class (classes
+    absent from both prediction and reference are left out of the means)."""
 
     per_case: list[dict[str, float | str]]
     mean: dict[str, float]
@@ -188,6 +189,9 @@ def evaluate(
             row[f"dice_{class_names[c]}"] = float(dice[c])
         fg = [float(dice[c]) for c in range(1, k) if not np.isnan(dice[c])]
         row["dice_mean"] = float(np.mean(fg)) if fg else float("nan")
+        # all foreground classes as one (cells: cell + border = the nuclei), the figure users compare
+        binary = dice_fn((pred > 0).long()[None], (ref > 0).long()[None].to(pred.device), 2)[0, 1]
+        row["dice_foreground"] = float(binary)
         per_case.append(row)
         if len(examples) < keep:
             examples.append((image.cpu().numpy(), ref.cpu().numpy(), pred.cpu().numpy()))
