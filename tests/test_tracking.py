@@ -67,7 +67,7 @@ def test_flatten_joins_nested_keys_with_dots():
 def test_environment_tags_name_versions_and_the_git_commit(tmp_path):
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
-                              capture_output=True, text=True, check=True)
+                              capture_output=True, text=True, encoding="utf-8", errors="replace", check=True)
         return done.stdout.strip()
 
     outside = environment_tags()

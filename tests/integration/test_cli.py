@@ -54,3 +54,21 @@ def test_bad_config_is_one_clear_line_and_exit_2(medseg, tmp_path):
     assert "Traceback" not in res.stderr
     res = medseg("config", cfg, "--set", "train.epochz=", "--set", "train.epochs=4", check=False)
     assert res.returncode == 2  # still unknown: --set goes through the same validation
+
+
+def test_augment_preview_writes_a_grid(medseg, tmp_path):
+    import yaml
+    from PIL import Image
+
+    medseg("synth", "cells", "--out", tmp_path / "cells", "--n", "2", "--size", "96", "96")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"root": str(tmp_path / "cells"), "spatial_dims": 2},
+        "transforms": {"patch_size": [64, 64], "weight_map": {"enabled": True}, "augmentation": {"preset": "cells2d"}},
+    }))
+    out = tmp_path / "aug.png"
+    medseg("augment-preview", cfg, "--out", out, "--n", "3")
+    width, height = Image.open(out).size
+    assert width > 200 and height > 100
+    res = medseg("check", cfg)  # a config is accepted too: its data.root is checked
+    assert "0 errors" in res.stdout

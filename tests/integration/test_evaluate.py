@@ -25,7 +25,8 @@ def test_semantic_figures_match_the_hand_computed_ones(tmp_path):
     _write(tmp_path / "ref", "b", ref)  # no prediction: scored as empty and listed
     res = run_medseg("evaluate", "--pred", tmp_path / "pred", "--ref", tmp_path / "ref", check=False)
     assert res.returncode == 1 and "missing predictions (scored as empty): b" in res.stdout
-    rows = {r["case"]: r for r in csv.DictReader(open(tmp_path / "pred" / "metrics.csv"))}
+    with open(tmp_path / "pred" / "metrics.csv") as f:
+        rows = {r["case"]: r for r in csv.DictReader(f)}
     assert float(rows["a"]["dice"]) == pytest.approx(0.8)
     assert float(rows["a"]["iou"]) == pytest.approx(80 / 120)
     assert float(rows["a"]["hd95"]) == pytest.approx(2.0)

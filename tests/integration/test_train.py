@@ -181,7 +181,7 @@ def test_killed_run_resumes_to_the_same_weights(cells, tmp_path, sig):
 
     last = run_dir / "run" / "checkpoints" / "last.pt"
     proc = subprocess.Popen([MEDSEG, "train", str(cfg), "--no-tracking"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
     deadline = time.time() + 300
     while not last.exists():
         assert proc.poll() is None, proc.stdout.read()
@@ -209,7 +209,7 @@ def test_two_process_torchrun(cells, tmp_path):
     res = subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), MEDSEG, "train", str(cfg),
          "--no-tracking"],
-        capture_output=True, text=True, timeout=600, env=env,
+        capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=600, env=env,
     )
     assert res.returncode == 0, res.stdout + res.stderr
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
