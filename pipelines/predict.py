@@ -255,6 +255,8 @@ def run_predict_cli(args: argparse.Namespace) -> int:
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise ConfigError("--sw-batch-size", f"expected a positive integer, got {args.sw_batch_size}")
     dinfo = dist.init_distributed(args.device)
+    if dinfo.device.type == "cpu":
+        torch.set_flush_denormal(True)  # see pipelines/train.py
     try:
         model, meta = load_trained_model(args.model, args.tracking_uri)
         scans, skipped = list_inputs(args.input)

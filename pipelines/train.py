@@ -111,9 +111,8 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
-def _validate_schedule(cfg: ExperimentConfig, n_train: int) -> int:
-    iters = cfg.train.iterations_per_epoch or max(1, math.ceil(n_train / cfg.train.batch_size))
-    return iters
+def _iterations_per_epoch(cfg: ExperimentConfig, n_train: int) -> int:
+    return cfg.train.iterations_per_epoch or max(1, math.ceil(n_train / cfg.train.batch_size))
 
 
 def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
@@ -127,6 +126,8 @@ def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | N
 
 def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -> TrainResult:
     device = dinfo.device
+    if device.type == "cpu":  # denormal floats made some CPU steps ~50x slower at random (benchmarks/train_step.py)
+        torch.set_flush_denormal(True)
     cfg, info = resolve_dataset(cfg)
     names = [c.name for c in info.cases]
     try:
@@ -148,7 +149,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
     first = train_ds[0]
     first = first[0] if isinstance(first, list) else first
     in_channels = int(first["image"].shape[0])
-    iters = _validate_schedule(cfg, len(train_data))
+    iters = _iterations_per_epoch(cfg, len(train_data))
     loader = make_train_loader(
         train_ds,
         batch_size=cfg.train.batch_size,
@@ -204,6 +205,9 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
         run_id, history = state.get("mlflow_run_id"), dict(state.get("history", {}))
         restore_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d (+%d steps)", resume_from, start_epoch, skip)
+        if start_epoch >= cfg.train.epochs and skip == 0:
+            log.info("%s already finished all %d epochs: nothing to do", output_dir, cfg.train.epochs)
+            return TrainResult(output_dir, start_epoch, best, best_epoch, best_fg, run_id, None)
     elif resume == "auto":
         log.info("no checkpoint in %s: starting from scratch", ckpt_dir)
 
