@@ -124,8 +124,11 @@ class DiceWeightedCELoss(nn.Module):
         for i, (head, w_head) in enumerate(zip(heads, head_weights)):
             self._check_head(i, head, heads[0])
             t, w = _resize_to(head.shape[2:], target, weight)
-            dice = self._dice_loss(head, t)
-            ce = self._ce_loss(head, t, w)
+            # one log-softmax serves both terms; float32 whatever autocast chose (sums over millions of
+            # pixels overflow or round badly in fp16)
+            log_probs = torch.log_softmax(head.float(), dim=1)
+            dice = self._dice_loss(log_probs.exp(), t)
+            ce = self._ce_loss(log_probs, t, w)
             total = total + w_head * (self.dice_weight * dice + self.ce_weight * ce)
             dice_sum = dice_sum + w_head * dice.detach()
             ce_sum = ce_sum + w_head * ce.detach()
@@ -133,10 +136,8 @@ class DiceWeightedCELoss(nn.Module):
 
     # -- the two terms (one head) ------------------------------------------------------------------------
 
-    def _dice_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # float32 whatever autocast chose: sums over millions of pixels overflow/round badly in fp16.
-        probs = torch.softmax(logits.float(), dim=1)
-        onehot = F.one_hot(target, self.num_classes).movedim(-1, 1).to(probs.dtype)
+    def _dice_loss(self, probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        onehot = torch.zeros_like(probs).scatter_(1, target.unsqueeze(1), 1.0)
         axes = [0, *range(2, probs.ndim)]  # batch Dice: sum over batch and space, keep classes
         intersect = (probs * onehot).sum(axes)
         volumes = probs.sum(axes) + onehot.sum(axes)
@@ -145,8 +146,10 @@ class DiceWeightedCELoss(nn.Module):
             dice = dice[1:]
         return 1 - dice.mean()
 
-    def _ce_loss(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
-        ce = F.cross_entropy(logits.float(), target, reduction="none")  # B H W [D]
+    def _ce_loss(self, log_probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ce = F.nll_loss(log_probs, target, reduction="none")  # B H W [D]
+        if weight is None and self.class_weights is None:
+            return ce.mean()
         w = torch.ones_like(ce) if weight is None else weight.float()
         if self.class_weights is not None:
             w = w * self.class_weights.to(ce.device)[target]  # works even if the module was not moved
