@@ -117,7 +117,7 @@ def patches(image: np.ndarray, label: np.ndarray, patch: int, batch: int, steps:
 def train(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, patch: int, steps: int,
           device: torch.device) -> float:
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scheduler = Scheduler(optimizer, SchedulerConfig(name="poly"), epochs=1, steps_per_epoch=steps)
     amp = torch.bfloat16 if device.type == "cuda" else None
     scaler = torch.amp.GradScaler(device.type, enabled=False)

@@ -205,8 +205,9 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
         run_id, history = state.get("mlflow_run_id"), dict(state.get("history", {}))
         restore_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d (+%d steps)", resume_from, start_epoch, skip)
-        if start_epoch >= cfg.train.epochs and skip == 0:
-            log.info("%s already finished all %d epochs: nothing to do", output_dir, cfg.train.epochs)
+        stopped_early = state.get("finished") and state["config"]["train"]["epochs"] == cfg.train.epochs
+        if (start_epoch >= cfg.train.epochs or stopped_early) and skip == 0:
+            log.info("%s already finished (%d epochs): nothing to do", output_dir, start_epoch)
             return TrainResult(output_dir, start_epoch, best, best_epoch, best_fg, run_id, None)
     elif resume == "auto":
         log.info("no checkpoint in %s: starting from scratch", ckpt_dir)
@@ -235,13 +236,14 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
             tracker.set_tags(tags)
     run_id = dist.broadcast_object(run_id, dinfo)
 
-    def save(name: str, epoch: int, step_in_epoch: int) -> Path:
+    def save(name: str, epoch: int, step_in_epoch: int, finished: bool = False) -> Path:
         return save_checkpoint(ckpt_dir / f"{name}.pt", {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
             "best_metric": best, "best_epoch": best_epoch, "best_foreground": best_fg, "rng": capture_rng_state(),
             "config": config_to_dict(cfg), "metadata": metadata, "mlflow_run_id": run_id, "history": history,
+            "finished": finished,
         })
 
     predictor = SlidingWindowPredictor(
@@ -314,6 +316,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
         else:
             epoch = cfg.train.epochs
     if dinfo.is_main:
+        if interrupted is None:
+            save("last", epoch, 0, finished=True)  # a later --resume auto has nothing left to do
         _finish(output_dir, tracker, model, metadata, history, per_case, examples, cfg, interrupted)
     dist.barrier(dinfo)
     return TrainResult(output_dir, epoch, best, best_epoch, best_fg, run_id, interrupted)

@@ -108,8 +108,11 @@ def test_tiny_3d_run_without_tracking(lesions, tmp_path):
     cfg = tiny_config(tmp_path, lesions, dims=3, epochs=1)
     run_medseg("train", cfg, "--no-tracking")
     state = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert state["epoch"] == 1 and state["metadata"]["spatial_dims"] == 3
+    assert state["epoch"] == 1 and state["metadata"]["spatial_dims"] == 3 and state["finished"]
     assert not (tmp_path / "mlflow.db").exists()
+    again = run_medseg("train", cfg, "--no-tracking", "--resume", "auto")  # idempotent: nothing left to do
+    assert "nothing to do" in again.stderr
+    assert _same_weights(_weights(tmp_path / "run" / "checkpoints" / "last.pt"), state["model"])
 
 
 def _free_port() -> int:
