@@ -53,19 +53,18 @@ def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInf
     return cfg, info
 
 
-def _preprocessing(cfg: ExperimentConfig, with_label: bool) -> list:
-    keys = ("image", "label") if with_label else ("image",)
+def _preprocessing(cfg: ExperimentConfig) -> list:
+    """load -> [resample to data.spacing] -> normalise, semantic target (+ border class, weight map)."""
+    keys = ("image", "label")
     chain = list(load_transforms(keys))
     if cfg.data.spacing is not None:
-        modes = ("bilinear", "nearest") if with_label else ("bilinear",)
-        chain.append(T.Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=modes))
-    tcfg = cfg.transforms
+        chain.append(T.Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=("bilinear", "nearest")))
     chain.append(
         build_preprocessing(
             spatial_dims=cfg.data.spatial_dims,
-            label_kind=cfg.data.label_kind if with_label else "none",
-            normalize=tcfg.normalize.model_dump(),
-            weight_map=tcfg.weight_map.model_dump() if with_label else None,
+            label_kind=cfg.data.label_kind,
+            normalize=cfg.transforms.normalize.model_dump(),
+            weight_map=cfg.transforms.weight_map.model_dump(),
             instance_to_semantic=cfg.data.instance_to_semantic if cfg.data.label_kind == "instance" else None,
         )
     )
@@ -78,7 +77,7 @@ def training_transform(cfg: ExperimentConfig) -> T.Compose:
     Everything before the patch sampling is deterministic and cached by CacheDataset; the rest is drawn anew for
     every sample. Patches are centred on foreground with probability ``transforms.foreground_ratio``.
     """
-    return T.Compose(_preprocessing(cfg, with_label=True) + sampling_and_augmentation(cfg))
+    return T.Compose(_preprocessing(cfg) + sampling_and_augmentation(cfg))
 
 
 def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
@@ -101,12 +100,12 @@ def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
 
 def preprocessing_transform(cfg: ExperimentConfig) -> T.Compose:
     """The deterministic part of the training chain alone (augment-preview starts from it)."""
-    return T.Compose(_preprocessing(cfg, with_label=True))
+    return T.Compose(_preprocessing(cfg))
 
 
 def validation_transform(cfg: ExperimentConfig) -> T.Compose:
     """Whole cases, deterministic: load -> [resample] -> normalise, semantic label."""
-    return T.Compose(_preprocessing(cfg, with_label=True) + [T.SelectItemsd(keys=["image", "label", "case"])])
+    return T.Compose(_preprocessing(cfg) + [T.SelectItemsd(keys=["image", "label", "case"])])
 
 
 def prediction_transform(meta: dict[str, Any]) -> T.Compose:
