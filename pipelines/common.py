@@ -117,6 +117,17 @@ def prediction_transform(meta: dict[str, Any]) -> T.Compose:
     return T.Compose(chain)
 
 
+def display_slice(image, *labels):
+    """A picture of a case for a montage: ``image`` [C *S] and label maps [*S] (numpy) -> an image [H W] or
+    [H W 3] and the labels [H W]. Arrays are [x, y(, z)] as MONAI loads them, so 2D is transposed back to
+    rows = y; 3D shows the axial slice (last axis) with the most foreground in the first label map."""
+    if image.ndim == 4:
+        z = int((labels[0] > 0).reshape(-1, labels[0].shape[-1]).sum(0).argmax())
+        image, labels = image[..., z], tuple(lab[..., z] for lab in labels)
+    picture = image.transpose(2, 1, 0) if image.shape[0] == 3 else image[0].T
+    return (picture, *(lab.T for lab in labels))
+
+
 def model_metadata(cfg: ExperimentConfig, in_channels: int) -> dict[str, Any]:
     """Everything prediction needs, carried by checkpoints and the MLflow model."""
     return {

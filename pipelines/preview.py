@@ -12,18 +12,13 @@ from medseg.config import load_config
 from medseg.data.datalist import to_datalist
 from medseg.errors import ConfigError
 from medseg.transforms.presets import preview_samples
-from medseg.visualize import middle_slice, overlay_montage
-from pipelines.common import preprocessing_transform, resolve_dataset, sampling_and_augmentation
+from medseg.visualize import overlay_montage
+from pipelines.common import display_slice, preprocessing_transform, resolve_dataset, sampling_and_augmentation
 
 
 def _displayable(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[C *S] image and [1 *S] label -> a 2D picture (middle foreground slice in 3D) and its label."""
-    label = label[0]
-    if image.ndim == 4:
-        z = middle_slice(label, label)
-        image, label = image[:, z], label[z]
-    picture = image.transpose(1, 2, 0) if image.shape[0] == 3 else image[0]
-    return picture, label
+    """[C *S] image and [1 *S] label -> a 2D picture and its label (see display_slice)."""
+    return display_slice(image, label[0])
 
 
 def augment_preview(config: Path, out: Path, n: int = 8, seed: int = 0, overrides: list[str] | None = None) -> Path:

@@ -35,6 +35,7 @@ from medseg.tracking import Tracker, environment_tags
 from medseg.visualize import learning_curves, overlay_montage
 from pipelines.common import (
     dataset_fingerprint,
+    display_slice,
     model_metadata,
     resolve_dataset,
     training_transform,
@@ -348,7 +349,7 @@ def _finish(output_dir, tracker, model, metadata, history, per_case, examples, c
             writer.writerows(per_case)
         tracker.log_artifact(art / "validation_cases.csv")
     if examples:
-        tracker.log_artifact(_montage(examples, art / "validation_overlay.png", cfg))
+        tracker.log_artifact(_montage(examples, art / "validation_overlay.png"))
     best_path = output_dir / "checkpoints" / "best.pt"
     weights = best_path if best_path.is_file() else output_dir / "checkpoints" / "last.pt"
     if weights.is_file() and not interrupted:
@@ -359,15 +360,13 @@ def _finish(output_dir, tracker, model, metadata, history, per_case, examples, c
     tracker.end("KILLED" if interrupted else "FINISHED")
 
 
-def _montage(examples, out: Path, cfg: ExperimentConfig) -> Path:
+def _montage(examples, out: Path) -> Path:
     images, refs, preds = [], [], []
     for image, ref, pred in examples:
-        if image.ndim == 4:  # 3D [C D H W]: the slice with most reference foreground
-            z = int((ref > 0).reshape(ref.shape[0], -1).sum(1).argmax())
-            image, ref, pred = image[:, z], ref[z], pred[z]
-        images.append(image[0] if image.shape[0] != 3 else image.transpose(1, 2, 0))
-        refs.append(ref)
-        preds.append(pred)
+        picture, ref2d, pred2d = display_slice(image, ref, pred)
+        images.append(picture)
+        refs.append(ref2d)
+        preds.append(pred2d)
     return overlay_montage(images, refs, out, preds=preds, titles=[f"val {i}" for i in range(len(images))])
 
 
