@@ -16,11 +16,15 @@ Conventions (also in the README):
 - Instance AP at an IoU threshold ``t`` is the cell-segmentation definition ``TP / (TP + FP + FN)``
   (Cellpose, StarDist), not the COCO area under a precision-recall curve. TP is the largest number of
   one-to-one pairs with IoU >= t. Panoptic quality uses pairs with IoU > 0.5 (unique by construction).
+- Merges and splits say why AP is low. A *merge* is one prediction that covers at least half of each of
+  >= 2 references (``|p & r| / |r| >= 0.5`` for each); a *split* is one reference that holds at least half
+  of each of >= 2 predictions (``|p & r| / |p| >= 0.5`` for each), the symmetric definition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -168,13 +172,15 @@ def instance_metrics(
 
     Returns:
         ``ap_50 .. ap_95``, ``map`` (their mean), ``f1_50``, ``tp_50``, ``fp_50``, ``fn_50``, ``pq``,
-        ``sq``, ``rq``, ``n_pred``, ``n_ref``. Both maps empty: every score is 1. Otherwise, without a
+        ``sq``, ``rq``, ``n_pred``, ``n_ref``, and ``merges``, ``merged_refs``, ``splits``, ``split_preds``
+        of :func:`merges_and_splits`. Both maps empty: every score is 1. Otherwise, without a
         pair of IoU > 0.5 (e.g. exactly one map empty), ``sq`` is NaN (nothing to average) and ``pq`` 0.
     """
     _check_same_shape(pred_inst, ref_inst)
     ref_lab, n_ref = _relabel(ref_inst, "ref_inst")
     pred_lab, n_pred = _relabel(pred_inst, "pred_inst")
-    rows, cols, ious = _pair_ious(ref_lab, n_ref, pred_lab, n_pred)
+    table = _contingency(ref_lab, n_ref, pred_lab, n_pred)
+    rows, cols, ious = table.rows, table.cols, table.ious()
 
     out: dict[str, float] = {}
     for t in np.round(np.asarray(thresholds, dtype=np.float64), 6):  # 0.8 == 4/5, not 0.8000000000000003
@@ -195,7 +201,41 @@ def instance_metrics(
         pq = sq * rq if matched.size else 0.0
     out.update(pq=pq, sq=sq, rq=rq)
     out.update(n_pred=float(n_pred), n_ref=float(n_ref))
+    out.update(_merges_and_splits(table))
     return out
+
+
+def merges_and_splits(pred_inst: np.ndarray, ref_inst: np.ndarray, coverage: float = 0.5) -> dict[str, float]:
+    """Count the predictions that merge references and the references split into several predictions.
+
+    Args:
+        pred_inst: predicted instance ids, ``H W [D]``, 0 = background.
+        ref_inst: reference instance ids, same shape and convention.
+        coverage: the share of a reference (for merges) or of a prediction (for splits) that must lie in
+            the other instance for it to count.
+
+    Returns:
+        ``merges`` (predictions covering >= ``coverage`` of each of >= 2 references), ``merged_refs`` (the
+        references inside those merges), ``splits`` (references holding >= ``coverage`` of each of >= 2
+        predictions) and ``split_preds`` (the predictions inside those splits), as floats.
+    """
+    _check_same_shape(pred_inst, ref_inst)
+    if not 0 < coverage <= 1:
+        raise ValueError(f"coverage must lie in (0, 1], got {coverage}")
+    ref_lab, n_ref = _relabel(ref_inst, "ref_inst")
+    pred_lab, n_pred = _relabel(pred_inst, "pred_inst")
+    return _merges_and_splits(_contingency(ref_lab, n_ref, pred_lab, n_pred), coverage)
+
+
+def _merges_and_splits(table: _Contingency, coverage: float = 0.5) -> dict[str, float]:
+    # Each overlapping pair votes once: for its prediction when it covers most of the reference, for its
+    # reference when it holds most of the prediction; a prediction (reference) with >= 2 votes merges (splits).
+    inter = table.inter
+    refs_per_pred = np.bincount(table.cols[inter >= coverage * table.area_r[table.rows]], minlength=table.n_pred)
+    preds_per_ref = np.bincount(table.rows[inter >= coverage * table.area_p[table.cols]], minlength=table.n_ref)
+    merged, split = refs_per_pred[refs_per_pred >= 2], preds_per_ref[preds_per_ref >= 2]
+    return {"merges": float(merged.size), "merged_refs": float(merged.sum()),
+            "splits": float(split.size), "split_preds": float(split.sum())}
 
 
 def _ratio(tp: int, n_pred_plus_ref: int) -> float:
@@ -223,12 +263,24 @@ def _relabel(inst: np.ndarray, name: str) -> tuple[np.ndarray, int]:
     return (inverse if has_background else inverse + 1), int(ids.size - has_background)
 
 
-def _pair_ious(ref: np.ndarray, n_ref: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """IoU of every overlapping (ref, pred) pair from a sparse contingency table, in one pass.
+class _Contingency(NamedTuple):
+    """The overlapping (ref, pred) pairs of two relabelled instance maps and the instances' areas."""
 
-    Returns:
-        0-based ref indices, pred indices and IoUs of the pairs that overlap (all other IoUs are 0).
-    """
+    rows: np.ndarray  # 0-based reference index of each overlapping pair
+    cols: np.ndarray  # 0-based prediction index of each pair
+    inter: np.ndarray  # pixels the pair shares
+    area_r: np.ndarray  # pixels of each reference, ``n_ref``
+    area_p: np.ndarray  # pixels of each prediction, ``n_pred``
+    n_ref: int
+    n_pred: int
+
+    def ious(self) -> np.ndarray:
+        """IoU of each pair (all other pairs have IoU 0)."""
+        return self.inter / (self.area_r[self.rows] + self.area_p[self.cols] - self.inter)
+
+
+def _contingency(ref: np.ndarray, n_ref: int, pred: np.ndarray, n_pred: int) -> _Contingency:
+    """The sparse contingency table of two relabelled maps, in one pass over the pixels."""
     both = (ref > 0) & (pred > 0)
     inter = sparse.coo_matrix(
         (np.ones(int(both.sum()), dtype=np.int64), (ref[both] - 1, pred[both] - 1)), shape=(n_ref, n_pred)
@@ -236,8 +288,17 @@ def _pair_ious(ref: np.ndarray, n_ref: int, pred: np.ndarray, n_pred: int) -> tu
     inter.sum_duplicates()
     area_r = np.bincount(ref, minlength=n_ref + 1)[1:]
     area_p = np.bincount(pred, minlength=n_pred + 1)[1:]
-    union = area_r[inter.row] + area_p[inter.col] - inter.data
-    return inter.row, inter.col, inter.data / union
+    return _Contingency(inter.row, inter.col, inter.data, area_r, area_p, n_ref, n_pred)
+
+
+def _pair_ious(ref: np.ndarray, n_ref: int, pred: np.ndarray, n_pred: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IoU of every overlapping (ref, pred) pair.
+
+    Returns:
+        0-based ref indices, pred indices and IoUs of the pairs that overlap (all other IoUs are 0).
+    """
+    table = _contingency(ref, n_ref, pred, n_pred)
+    return table.rows, table.cols, table.ious()
 
 
 def _n_matches(rows: np.ndarray, cols: np.ndarray, keep: np.ndarray, n_ref: int, n_pred: int) -> int:

@@ -2,7 +2,8 @@
 
 Pairs files by case name (``case.nii.gz`` in both folders; with ``--instances`` the prediction's
 ``case_instances.*`` is used when present). Writes ``metrics.csv`` (one row per case and class) and
-``summary.json`` (means, plus instance and overall figures), prints a table, and optionally logs the summary to
+``summary.json`` (means, plus instance and overall figures; with ``--instances`` also the merges and splits that
+explain a low AP, per case and in total), prints a table, and optionally logs the summary to
 an MLflow run. A reference case without a prediction is scored as an empty prediction and listed.
 """
 
@@ -28,6 +29,12 @@ from medseg.metrics import (
 )
 
 log = logging.getLogger("medseg.evaluate")
+
+# Instance counts that add up over cases (the summary gives their totals beside the per-case means).
+COUNT_KEYS = ("n_ref", "n_pred", "tp_50", "fp_50", "fn_50", "merges", "merged_refs", "splits", "split_preds")
+# What the per-case instance table shows: enough to see which cases lose AP and whether to merges or splits.
+CASE_KEYS = ("n_ref", "n_pred", "ap_50", "map", "pq", "merges", "merged_refs", "splits", "split_preds")
+TABLE_CASES = 20  # the per-case table lists at most this many cases, the worst by AP@0.5 first
 
 
 def _index(folder: Path, suffix: str = "") -> dict[str, Path]:
@@ -73,7 +80,8 @@ def _read(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
 def evaluate_folders(pred_dir: Path, ref_dir: Path, *, instances: bool = False, tolerance: float = 1.0
                      ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per-case rows and a summary. With ``instances``, semantic figures are for the foreground (pred > 0 vs
-    ref > 0) and instance figures (AP@0.5:0.95, F1, PQ) are added."""
+    ref > 0) and instance figures (AP@0.5:0.95, F1, PQ, merges and splits) are added: per case in the rows
+    and ``instance_cases``, as means over cases in ``instances``, and summed in ``instance_totals``."""
     refs = _index(ref_dir)
     if not refs:
         raise DataError(ref_dir, "no reference label maps found")
@@ -126,6 +134,8 @@ def evaluate_folders(pred_dir: Path, ref_dir: Path, *, instances: bool = False, 
     if instances:
         keys = per_case_inst[0].keys()
         summary["instances"] = {k: float(np.nanmean([c[k] for c in per_case_inst])) for k in keys}
+        summary["instance_totals"] = {k: float(sum(c[k] for c in per_case_inst)) for k in COUNT_KEYS}
+        summary["instance_cases"] = {case: {k: c[k] for k in CASE_KEYS} for case, c in zip(loaded, per_case_inst)}
     return rows, summary
 
 
@@ -141,7 +151,26 @@ def _table(summary: dict[str, Any]) -> str:
         i = summary["instances"]
         lines.append(f"instances: AP50 {i['ap_50']:.4f}  AP75 {i['ap_75']:.4f}  mAP@0.5:0.95 {i['map']:.4f}"
                      f"  F1@0.5 {i['f1_50']:.4f}  PQ {i['pq']:.4f}")
+        lines.extend(_instance_lines(summary))
     return "\n".join(lines)
+
+
+def _instance_lines(summary: dict[str, Any]) -> list[str]:
+    """Totals of TP/FP/FN, merges and splits, then the per-case table, worst AP@0.5 first."""
+    t = summary["instance_totals"]
+    lines = [f"instances in total: {t['n_ref']:.0f} references, {t['n_pred']:.0f} predictions; at IoU 0.5 "
+             f"TP {t['tp_50']:.0f}  FP {t['fp_50']:.0f}  FN {t['fn_50']:.0f}",
+             f"merges {t['merges']:.0f} (predictions covering >= 2 references, {t['merged_refs']:.0f} references "
+             f"in them)  splits {t['splits']:.0f} (references cut into >= 2 predictions, {t['split_preds']:.0f} "
+             f"predictions in them)",
+             f"{'case':<24}{'refs':>6}{'preds':>7}{'AP50':>8}{'mAP':>8}{'PQ':>8}{'merges':>8}{'splits':>8}"]
+    cases = sorted(summary["instance_cases"].items(), key=lambda kv: kv[1]["ap_50"])
+    for case, c in cases[:TABLE_CASES]:
+        lines.append(f"{case[:23]:<24}{c['n_ref']:>6.0f}{c['n_pred']:>7.0f}{c['ap_50']:>8.4f}{c['map']:>8.4f}"
+                     f"{c['pq']:>8.4f}{c['merges']:>8.0f}{c['splits']:>8.0f}")
+    if len(cases) > TABLE_CASES:
+        lines.append(f"({len(cases) - TABLE_CASES} more cases in metrics.csv)")
+    return lines
 
 
 def run_evaluate_cli(args: argparse.Namespace) -> int:
@@ -164,7 +193,8 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
         with Tracker(args.tracking_uri, experiment, run_name="evaluate", run_id=args.run_id, fallback_dir=out) as t:
             metrics = {f"eval_{k}": float(v) for k, v in flatten(
                 {"per_class": summary["per_class"], "overall": summary["overall"],
-                 "instances": summary.get("instances", {})}).items()}
+                 "instances": summary.get("instances", {}),
+                 "instance_totals": summary.get("instance_totals", {})}).items()}
             t.log_metrics({k.replace(".", "_"): v for k, v in metrics.items() if np.isfinite(v)}, step=0)
             t.log_artifact(out / "summary.json", "evaluation")
             t.log_artifact(out / "metrics.csv", "evaluation")

@@ -15,6 +15,7 @@ from medseg.metrics import (
     confusion_matrix,
     dice_per_class,
     instance_metrics,
+    merges_and_splits,
     overall_metrics,
     semantic_metrics,
 )
@@ -232,6 +233,68 @@ def test_sparse_ious_equal_the_naive_loop():
         ]
     )
     np.testing.assert_allclose(fast, naive)
+
+
+def _merge_and_split_scene(shape):
+    """Five touching reference cells along the last axis; one prediction merges cells 1+2, cell 3 is cut in
+    two, cell 4 is found, and one prediction spreads thinly over cell 5 and the background."""
+    ref = np.zeros(shape, np.int64)
+    pred = np.zeros_like(ref)
+    inner = (slice(2, 10),) * (len(shape) - 1)
+    for i in range(5):
+        ref[(*inner, slice(2 + 10 * i, 12 + 10 * i))] = i + 1  # no background between neighbours
+    pred[(*inner, slice(2, 22))] = 40  # covers cells 1 and 2 entirely: a merge of 2
+    pred[(*inner, slice(22, 27))], pred[(*inner, slice(27, 32))] = 7, 8  # cell 3 in two halves: a split of 2
+    pred[(*inner, slice(32, 42))] = 3  # cell 4 exactly
+    pred[(*inner, slice(48, 60))] = 9  # 4 of cell 5's 10 columns (< 0.5 of it) plus 8 of background
+    return pred, ref
+
+
+@pytest.mark.parametrize("shape", [(12, 64), (12, 12, 64)], ids=["2d", "3d"])
+def test_merges_and_splits_by_hand(shape):
+    pred, ref = _merge_and_split_scene(shape)
+    expected = {"merges": 1, "merged_refs": 2, "splits": 1, "split_preds": 2}
+    assert merges_and_splits(pred, ref) == expected
+    m = instance_metrics(pred, ref)
+    assert {k: m[k] for k in expected} == expected
+    # The merge and a half reach IoU 0.5 exactly with one cell each; at 0.75 only cell 4 is found.
+    assert m["tp_50"] == 3 and m["ap_75"] == pytest.approx(1 / (5 + 5 - 1))
+    # Swapping prediction and reference turns every merge into a split and back.
+    assert merges_and_splits(ref, pred) == {"merges": 1, "merged_refs": 2, "splits": 1, "split_preds": 2}
+
+
+def test_merges_and_splits_follow_the_coverage_threshold():
+    ref = np.zeros((10, 20), np.int64)
+    ref[:, :10], ref[:, 10:] = 1, 2
+    pred = np.zeros_like(ref)
+    pred[:, 3:15] = 5  # 7/10 of cell 1 and 5/10 of cell 2 (exactly half counts)
+    assert merges_and_splits(pred, ref)["merges"] == 1
+    assert merges_and_splits(pred, ref, coverage=0.6) == {"merges": 0, "merged_refs": 0, "splits": 0,
+                                                         "split_preds": 0}
+    assert merges_and_splits(np.zeros_like(ref), ref)["merges"] == 0
+    with pytest.raises(ValueError, match="coverage"):
+        merges_and_splits(pred, ref, coverage=0)
+
+
+def test_merges_and_splits_equal_the_naive_count():
+    rng = np.random.default_rng(3)
+    seen = {"merges": 0, "splits": 0}
+    for k in range(20):
+        # Blocky random maps, coarse on one side, so that merges and splits both occur.
+        fine, coarse = rng.integers(0, 9, (6, 6)), rng.integers(0, 5, (3, 3))
+        fine, coarse = np.kron(fine, np.ones((2, 2), np.int64)), np.kron(coarse, np.ones((4, 4), np.int64))
+        ref, pred = (fine, coarse) if k % 2 else (coarse, fine)
+        ids_r, ids_p = np.unique(ref[ref > 0]), np.unique(pred[pred > 0])
+        inter = np.array([[((ref == i) & (pred == j)).sum() for j in ids_p] for i in ids_r]).reshape(len(ids_r), -1)
+        area_r = np.array([(ref == i).sum() for i in ids_r])[:, None]
+        area_p = np.array([(pred == j).sum() for j in ids_p])[None, :]
+        refs_per_pred = ((inter >= 0.5 * area_r) & (inter > 0)).sum(0)
+        preds_per_ref = ((inter >= 0.5 * area_p) & (inter > 0)).sum(1)
+        naive = {"merges": (refs_per_pred >= 2).sum(), "merged_refs": refs_per_pred[refs_per_pred >= 2].sum(),
+                 "splits": (preds_per_ref >= 2).sum(), "split_preds": preds_per_ref[preds_per_ref >= 2].sum()}
+        assert merges_and_splits(pred, ref) == naive
+        seen = {key: seen[key] + naive[key] for key in seen}
+    assert seen["merges"] > 0 and seen["splits"] > 0  # the comparison was not only of zeros
 
 
 def test_instance_errors():
