@@ -218,10 +218,11 @@ class SlidingWindowPredictor:
         self.memory_format = None
         if channels_last:
             self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
-        # Flip dims of a window batch B C *P, identity first.
+        # Flip dims of a window batch B C *P. The identity comes last: see _predict.
         self.flips = [()]
         if tta:
-            subsets = itertools.chain.from_iterable(itertools.combinations(axes, r) for r in range(len(axes) + 1))
+            sizes = reversed(range(len(axes) + 1))
+            subsets = itertools.chain.from_iterable(itertools.combinations(axes, r) for r in sizes)
             self.flips = [tuple(2 + a for a in subset) for subset in subsets]
         self.progress = progress
         if isinstance(model, nn.Module):
@@ -463,6 +464,9 @@ class SlidingWindowPredictor:
         if self.memory_format is not None:
             tiles = tiles.contiguous(memory_format=self.memory_format)
         amp = self.amp_dtype
+        # What the model returns may be its input, a buffer it reuses or a cached tensor, so it is never
+        # modified. The sum runs in place in the first output of a flipped window: flip() copies, so that
+        # tensor is ours, and flipping costs no extra copy. Without TTA the output is returned as is.
         total = None
         with nullcontext() if amp is None else torch.autocast(self.device.type, amp):
             for dims in self.flips:

@@ -251,3 +251,50 @@ def test_cuda_compute_with_cpu_stitching_matches_cpu():
         np.testing.assert_array_equal(predictor.predict_labels(image.numpy()), predictor.predict_labels(image))
     amp = SlidingWindowPredictor(conv, (16, 16, 16), 3, device="cuda", stitch_device="cpu")(image)
     torch.testing.assert_close(amp, cpu, rtol=0, atol=3e-2)
+
+
+class _BufferModel:
+    """``2 x + 1`` written into one buffer that every call reuses, like a model caching its output."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.buffer is None or self.buffer.shape != x.shape:
+            self.buffer = torch.empty_like(x)
+        return torch.mul(x, 2, out=self.buffer).add_(1)
+
+
+# Models whose output is their input (or a buffer they reuse): the predictor must never modify it.
+ALIASING_MODELS = {
+    "nn.Identity": (nn.Identity, lambda x: x),
+    "lambda x: x": (lambda: lambda x: x, lambda x: x),
+    "reused buffer": (_BufferModel, lambda x: 2 * x + 1),
+}
+
+
+@pytest.mark.parametrize("model_name", list(ALIASING_MODELS))
+@pytest.mark.parametrize("channels", [1, 3])  # a sigmoid and a softmax
+@pytest.mark.parametrize(
+    "spatial, patch",
+    [((13, 10), (8, 6)), ((5, 9), (8, 6)), ((9, 7, 5), (4, 4, 4)), ((3, 11, 2), (4, 6, 4))],
+)
+@pytest.mark.parametrize("tta", [False, True])
+def test_identity_and_buffer_models_come_back_unchanged(model_name, channels, spatial, patch, tta):
+    build, function = ALIASING_MODELS[model_name]
+    image = torch.randn(channels, *spatial)
+    original = image.clone()
+    logits = function(image)
+    for output, blend, padding_mode in itertools.product(
+        ("logits", "probabilities"), ("gaussian", "constant"), ("constant", "reflect", "replicate")
+    ):
+        predictor = SlidingWindowPredictor(
+            build(), patch, channels, overlap=0.5, sw_batch_size=2, tta=tta, output=output, blend=blend,
+            padding_mode=padding_mode,
+        )
+        want = logits if output == "logits" else logits.softmax(0) if channels > 1 else logits.sigmoid()
+        where = f"{output}, {blend}, {padding_mode}"
+        slabs = torch.cat([slab for _, slab in predictor.iter_slabs(image)], dim=1)
+        for got in (predictor(image), slabs):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
+        torch.testing.assert_close(image, original, rtol=0, atol=0)  # nor the caller's image
