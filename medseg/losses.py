@@ -11,6 +11,7 @@ between touching cells) and optional per-class weights. The weight map is not ap
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -99,7 +100,8 @@ class DiceWeightedCELoss(nn.Module):
 
         Args:
             logits: ``B C H W [D]`` raw scores, or a list of them for deep supervision: element 0 at full
-                resolution, the others at their own (lower or equal) resolution.
+                resolution, each other one at full resolution or on a coarser grid of the network's stride-2
+                pooling, ``ceil(n / 2**k)`` cells along an axis of ``n`` voxels (see :func:`_downsample_to`).
             target: ``B 1 H W [D]`` or ``B H W [D]`` class ids in ``[0, num_classes)`` (integer, or float
                 holding integers), at full resolution.
             weight: optional per-pixel weights of the CE term, ``B 1 H W [D]`` or ``B H W [D]``, full
@@ -110,8 +112,8 @@ class DiceWeightedCELoss(nn.Module):
 
         Raises:
             ValueError: a channel count other than ``num_classes``, target or weight shapes that do not
-                match the logits, target values outside ``[0, num_classes)``, or a head larger than the
-                full-resolution target.
+                match the logits, target values outside ``[0, num_classes)``, or a head whose size is not
+                on a pooling grid of the full-resolution target.
         """
         heads = [logits] if isinstance(logits, torch.Tensor) else list(logits)
         if not heads:
@@ -122,8 +124,7 @@ class DiceWeightedCELoss(nn.Module):
         head_weights = self._head_weights(len(heads))
         total, dice_sum, ce_sum = 0.0, 0.0, 0.0
         for i, (head, w_head) in enumerate(zip(heads, head_weights)):
-            self._check_head(i, head, heads[0])
-            t, w = _resize_to(head.shape[2:], target, weight)
+            t, w = self._head_target(i, head, heads[0], target, weight)
             # one log-softmax serves both terms; float32 whatever autocast chose (sums over millions of
             # pixels overflow or round badly in fp16)
             log_probs = torch.log_softmax(head.float(), dim=1)
@@ -204,34 +205,64 @@ class DiceWeightedCELoss(nn.Module):
             )
         return weight
 
-    @staticmethod
-    def _check_head(i: int, head: torch.Tensor, full: torch.Tensor) -> None:
+    def _head_target(
+        self, i: int, head: torch.Tensor, full: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The target and weight map of head ``i``, on its own grid (see :func:`_downsample_to`)."""
         if head.shape[:2] != full.shape[:2] or head.ndim != full.ndim:
             raise ValueError(
                 f"deep-supervision head {i} has shape {tuple(head.shape)}; expected B={full.shape[0]}, "
                 f"C={full.shape[1]} and {full.ndim - 2} spatial dims like head 0 {tuple(full.shape)}"
             )
-        if any(h > f for h, f in zip(head.shape[2:], full.shape[2:])):
+        size, full_size = tuple(head.shape[2:]), tuple(full.shape[2:])
+        if size == full_size:
+            return target, weight
+        strides = _head_strides(full_size, size)
+        if strides is None:
             raise ValueError(
-                f"deep-supervision head {i} spatial size {tuple(head.shape[2:])} exceeds the full "
-                f"resolution {tuple(full.shape[2:])}; heads must be at full or lower resolution"
+                f"deep-supervision head {i} spatial size {size} is not on a pooling grid of the full "
+                f"resolution {full_size}; expected ceil(n / 2**k) cells along an axis of n voxels"
             )
+        return _downsample_to(strides, target, weight, self.num_classes)
+
+def _head_strides(full: Sequence[int], size: Sequence[int]) -> tuple[int, ...] | None:
+    """Per axis, the power-of-two stride ``f`` with ``ceil(full / f) == size``, or None if there is none."""
+    strides = []
+    for n, s in zip(full, size):
+        f = 1
+        while math.ceil(n / f) > s:
+            f *= 2
+        if math.ceil(n / f) != s:
+            return None
+        strides.append(f)
+    return tuple(strides)
 
 
-def _resize_to(
-    size: Sequence[int], target: torch.Tensor, weight: torch.Tensor | None
+def _downsample_to(
+    strides: Sequence[int], target: torch.Tensor, weight: torch.Tensor | None, num_classes: int
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Resize the ``B H W [D]`` target (nearest) and weight map (area average) to a head's spatial size.
+    """Bring the ``B H W [D]`` target and weight map onto a coarse head's grid, cell by cell.
 
-    Labels must stay class ids, hence nearest. The weight map is averaged instead: a one-pixel border
-    ridge survives a stride-2 nearest sampling only at one phase out of two, whereas the average keeps
-    its mass, so the coarse heads still emphasise the borders.
+    A network of this package pads its input at the high end of every axis (replicate) and halves it
+    with stride-2 pooling, so cell ``i`` of a head at stride ``f`` covers voxels ``[i*f, (i+1)*f)`` of the
+    replicate-padded input (:mod:`medseg.nets.blocks`). The target and weight map go through the same
+    geometry: replicate padding to a multiple of ``f``, then one value per ``f``-block. The label of a cell
+    is the class covering most of its block, ties to the higher class id, so that a structure one voxel
+    thin (a border between touching cells) is not erased at every coarse level; the weight is the
+    block's mean, which keeps the mass of a thin high-weight ridge. Resampling instead (nearest or
+    adaptive pooling from ``n`` to ``ceil(n / f)`` cells) would shift cells against the features whenever
+    ``n`` is not a multiple of ``f``.
     """
-    size = tuple(size)
-    if size == tuple(target.shape[1:]):
-        return target, weight
-    t = F.interpolate(target[:, None].float(), size=size, mode="nearest")[:, 0].long()
-    if weight is None:
-        return t, None
-    pool = F.adaptive_avg_pool2d if len(size) == 2 else F.adaptive_avg_pool3d
-    return t, pool(weight[:, None].float(), size)[:, 0]
+    padding: list[int] = []
+    for n, f in zip(reversed(target.shape[1:]), reversed(strides)):  # F.pad lists the last axis first
+        padding += [0, -n % f]
+    pool = F.avg_pool2d if len(strides) == 2 else F.avg_pool3d
+
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # B C *S -> B C *S/f, means of the padded blocks
+        if any(padding):
+            x = F.pad(x, padding, mode="replicate")
+        return pool(x, kernel_size=tuple(strides), stride=tuple(strides))
+
+    share = blocks(F.one_hot(target, num_classes).movedim(-1, 1).float())
+    labels = num_classes - 1 - share.flip(1).argmax(1)  # argmax takes the first maximum: the highest class
+    return labels, None if weight is None else blocks(weight[:, None].float())[:, 0]

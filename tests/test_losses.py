@@ -4,7 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.losses import DiceWeightedCELoss, LossOutput, _resize_to
+from medseg.losses import DiceWeightedCELoss, LossOutput, _downsample_to
+from medseg.nets import UNet
+from medseg.nets.blocks import coarse_size, crop_to, max_pool, pad_to_multiple
 
 
 def _labels(shape=(2, 16, 16), num_classes=3, seed=0):
@@ -91,7 +93,7 @@ def test_identical_full_res_heads_equal_the_single_head_loss(ds_weights):
 
 
 @pytest.mark.parametrize("spatial", [(16, 16), (8, 12, 16)])
-def test_lower_resolution_heads_use_the_nearest_downsampled_target(spatial):
+def test_lower_resolution_heads_use_the_block_downsampled_target(spatial):
     loss = DiceWeightedCELoss(num_classes=3)
     quarter = _labels((2, *[s // 4 for s in spatial]))
     t = quarter
@@ -108,7 +110,7 @@ def test_lower_resolution_heads_use_the_nearest_downsampled_target(spatial):
 def test_weight_map_downsampling_keeps_a_thin_ridge():
     weight = torch.ones(1, 8, 8)
     weight[:, :, 3] = 10.0  # one-pixel ridge on an odd column: nearest (stride 2) would drop it
-    _, pooled = _resize_to((4, 4), torch.zeros(1, 8, 8, dtype=torch.long), weight)
+    _, pooled = _downsample_to((2, 2), torch.zeros(1, 8, 8, dtype=torch.long), weight, 2)
     assert pooled.mean().item() == pytest.approx(weight.mean().item())
     assert pooled.max().item() > 1.0
 
@@ -178,3 +180,60 @@ def test_bad_heads_raise():
 def test_bad_config_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DiceWeightedCELoss(**kwargs)
+
+
+def _blocks(cells: torch.Tensor, stride: int, size) -> torch.Tensor:
+    """``B *s`` cell values -> ``B *size`` voxels, each cell repeated over its ``stride``-block (cut at the end)."""
+    out = cells
+    for axis, n in enumerate(size):
+        out = out.repeat_interleave(stride, dim=1 + axis).narrow(1 + axis, 0, n)
+    return out
+
+
+def _network_pooling(onehot: torch.Tensor, level: int, depth: int, size) -> torch.Tensor:
+    """Push ``B K *S`` maps through the networks' own geometry: pad, ``level`` stride-2 max-pools, crop."""
+    pooled = pad_to_multiple(onehot, 2**depth)
+    for _ in range(level):
+        pooled = max_pool(len(size))(pooled)
+    return crop_to(pooled, coarse_size(size, level))
+
+
+@pytest.mark.parametrize("spatial, depth", [((17, 13), 3), ((11, 9, 7), 3), ((5, 19), 2)])
+def test_coarse_heads_are_trained_on_the_networks_feature_grid(spatial, depth):
+    # Sizes that are not multiples of 2**level: nearest resampling from 17 to 9 rows takes rows 0, 1, 3,
+    # 5, ..., so from row 1 on a cell's target came from its neighbour's block.
+    torch.manual_seed(0)
+    heads = UNet(len(spatial), 1, 3, features=2, depth=depth, deep_supervision=True).train()(
+        torch.randn(2, 1, *spatial)
+    )
+    loss = DiceWeightedCELoss(num_classes=3)
+    for level in range(1, depth):
+        assert tuple(heads[level].shape[2:]) == tuple(coarse_size(spatial, level))  # the grid under test
+        cells = _labels((2, *coarse_size(spatial, level)))
+        labels = _blocks(cells, 2**level, spatial)
+        onehot = F.one_hot(labels, 3).movedim(-1, 1).float()
+        assert torch.equal(_network_pooling(onehot, level, depth, spatial).argmax(1), cells)
+        weight = _blocks(torch.rand(cells.shape) + 0.5, 2**level, spatial)
+        out = loss([_logits_for(labels, 3), _logits_for(cells, 3)], labels, weight)
+        assert out.total.item() < 1e-4, f"level {level}: a head perfect on its grid costs {out.parts}"
+        _, pooled = _downsample_to([2**level] * len(spatial), labels, weight, 3)
+        torch.testing.assert_close(pooled, _network_pooling(weight[:, None], level, depth, spatial)[:, 0])
+
+
+@pytest.mark.parametrize("spatial", [(17, 13), (9, 7, 5)])
+def test_a_coarse_cell_takes_a_label_present_in_its_own_block(spatial):
+    labels = _labels((2, *spatial), num_classes=4, seed=3)  # no structure: a misplaced cell shows
+    onehot = F.one_hot(labels, 4).movedim(-1, 1).float()
+    for level in (1, 2):
+        coarse, _ = _downsample_to([2**level] * len(spatial), labels, None, 4)
+        present = _network_pooling(onehot, level, 3, spatial)  # B K *s: class k occurs in the cell's block
+        assert present.gather(1, coarse[:, None]).min() == 1
+        majority = (present > 0).sum(1) == 1  # single-class blocks keep their class
+        assert torch.equal(coarse[majority], present.argmax(1)[majority])
+
+
+def test_a_coarse_head_off_the_pooling_grid_is_an_error():
+    loss = DiceWeightedCELoss(num_classes=3)
+    t = _labels((2, 17, 16))
+    with pytest.raises(ValueError, match=r"head 1 spatial size \(6, 8\) is not on a pooling grid"):
+        loss([_logits_for(t, 3), torch.zeros(2, 3, 6, 8)], t)
