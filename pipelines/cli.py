@@ -84,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>")
     p.add_argument("--input", required=True, nargs="+", help="a folder of scans, or scan files")
     p.add_argument("--output", required=True, type=Path, help="output folder")
-    p.add_argument("--tta", action="store_true", help="average over all mirrorings (slower, often better)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="average over all mirrorings (slower, often better); default: the model's inference.tta")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: model's)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: model's)")

@@ -105,7 +105,7 @@ def output_path(scan: Path, out_dir: Path, suffix: str = "") -> Path:
 class Predictor:
     """Predicts one scan: preprocess as in training, sliding window, back to the input's geometry, write."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool,
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool | None,
                  overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool):
         inf = meta.get("inference", {})
         self.meta = meta
@@ -114,7 +114,7 @@ class Predictor:
             model.to(device), meta["patch_size"], len(meta["classes"]),
             overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
             sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
-            device=device, tta=tta,
+            device=device, tta=inf.get("tta", False) if tta is None else tta,
         )
         self.instances, self.probabilities = instances, probabilities
         if instances and meta.get("label_kind") != "instance":
@@ -158,10 +158,13 @@ class Predictor:
 
 def predict_batch(
     model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
-    tta: bool = False, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
+    tta: bool | None = None, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
     probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True,
 ) -> list[CaseRecord]:
-    """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong."""
+    """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong.
+
+    ``tta``, ``overlap`` and ``sw_batch_size`` left at None take the model's ``inference`` settings.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
                        instances=instances, probabilities=probabilities)

@@ -20,7 +20,9 @@ from medseg.nets import build_network
 from .conftest import MEDSEG, run_medseg
 
 
-def make_model(path: Path, spatial_dims: int, classes=("background", "cell", "border"), patch=None, seed=0) -> Path:
+def make_model(
+    path: Path, spatial_dims: int, classes=("background", "cell", "border"), patch=None, seed=0, tta=False
+) -> Path:
     """A checkpoint with the metadata prediction needs (random weights: geometry does not care)."""
     torch.manual_seed(seed)
     params = {"features": 4, "depth": 2}
@@ -37,7 +39,7 @@ def make_model(path: Path, spatial_dims: int, classes=("background", "cell", "bo
                       "per_channel": True, "nonzero": False},
         "patch_size": patch or ([32, 32] if spatial_dims == 2 else [16, 16, 16]),
         "spacing": None,
-        "inference": {"overlap": 0.25, "sw_batch_size": 2, "tta": False, "cell_class": 1, "border_class": 2,
+        "inference": {"overlap": 0.25, "sw_batch_size": 2, "tta": tta, "cell_class": 1, "border_class": 2,
                       "min_instance_size": 4},
     }
     return save_checkpoint(path, {"model": model.state_dict(), "metadata": meta, "epoch": 1})
@@ -166,3 +168,22 @@ def test_model_errors_are_clear(tmp_path):
     res = run_medseg("predict", "--model", tmp_path / "nope.pt", "--input", tmp_path, "--output", tmp_path / "o",
                      check=False)
     assert res.returncode == 2 and "nope.pt" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_the_models_tta_setting_is_the_default_and_the_flag_overrides_it(tmp_path):
+    # Two models with the same random weights, one saved with inference.tta true. Random weights are not
+    # flip-equivariant, so mirrored averaging changes the probabilities.
+    inp = tmp_path / "in"
+    inp.mkdir()
+    tifffile.imwrite(inp / "a.tif", np.random.default_rng(2).normal(size=(29, 23)).astype(np.float32))
+
+    def probabilities(tta: bool, *flags: str) -> np.ndarray:
+        out = tmp_path / f"out_{tta}_{flags}"
+        run_medseg("predict", "--model", make_model(tmp_path / f"tta_{tta}.pt", 2, tta=tta), "--input", inp,
+                   "--output", out, "--save-probabilities", *flags)
+        return np.load(out / "a_probabilities.npz")["probabilities"]
+
+    by_default = probabilities(True)
+    np.testing.assert_array_equal(by_default, probabilities(False, "--tta"))  # TTA on: the model's default
+    plain = probabilities(True, "--no-tta")  # and the flag overrides it
+    assert np.abs(by_default.astype(np.float32) - plain).max() > 1e-3
