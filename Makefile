@@ -1,8 +1,12 @@
-# Two entry points for a fresh machine (Python 3.11 + pip, no GPU): `make demo` and `make test`.
-# Both create .venv on first use and install the pinned CPU torch BEFORE the project, so pip never pulls a
-# newer torch with several GB of CUDA packages. Re-running is cheap: the install step is skipped while
-# pyproject.toml is unchanged.
+# Two entry points for a fresh machine (Python 3.11 + pip, no GPU needed): `make demo` and `make test`.
+# Both create .venv on first use and install the pinned torch BEFORE the project, so the project's install
+# never pulls another torch. Re-running is cheap: the install step is skipped while pyproject.toml is unchanged.
+#
+# TORCH_INDEX_URL: the index pip installs torch from (passed as --index-url, torch only). Empty (default): pip's
+# own configuration, which on an ordinary Linux machine means PyPI's CUDA build. For the CPU build:
+#   rm -rf .venv && make test TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 PYTHON ?= python3
+TORCH_INDEX_URL ?=
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.medseg-installed
@@ -13,7 +17,7 @@ DEMO   := demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 

@@ -118,10 +118,14 @@ def environment_tags() -> dict[str, str]:
     The commit goes to MLflow's own ``mlflow.source.git.commit`` key, which the UI shows with the run;
     ``medseg.git.dirty`` says whether the work tree had uncommitted changes.
     """
+    import torch
+
     tags = {"medseg.version": __version__, "python.version": platform.python_version()}
-    for dist in ("torch", "monai", "mlflow"):
+    for dist in ("monai", "mlflow"):
         with contextlib.suppress(dist_metadata.PackageNotFoundError):
             tags[f"{dist}.version"] = dist_metadata.version(dist)
+    # The build, with its local version (2.13.0+cu130, 2.13.0+cpu), which a CUDA wheel's metadata omits.
+    tags["torch.version"] = torch.__version__
     with contextlib.suppress(OSError, KeyError):  # no login name in some containers
         tags["mlflow.user"] = getpass.getuser()
     commit = _git("rev-parse", "HEAD")
@@ -576,7 +580,10 @@ def _model_options(metadata: dict[str, Any]) -> dict[str, Any]:
     requirements = [f"medseg=={__version__}"]
     for dist in ("torch", "monai"):
         with contextlib.suppress(dist_metadata.PackageNotFoundError):
-            requirements.append(f"{dist}=={dist_metadata.version(dist)}")
+            # the public version: no index serves 2.13.0+cpu or +cu130 under that name, and the serving
+            # machine should get the build that suits it (see the README on torch builds)
+            version = dist_metadata.version(dist).split("+")[0]
+            requirements.append(f"{dist}=={version}")
     options: dict[str, Any] = {"metadata": metadata, "pip_requirements": requirements}
     if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters:
         options["serialization_format"] = "pickle"  # mlflow 3 defaults to "pt2", which needs an input example

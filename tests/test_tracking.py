@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -20,6 +22,7 @@ from medseg.tracking import (
     FALLBACK_FILE,
     Tracker,
     TrackingError,
+    _fluent_scope,
     environment_tags,
     flatten,
     load_model,
@@ -62,6 +65,15 @@ def test_flatten_joins_nested_keys_with_dots():
     assert flatten(config) == {
         "train.lr": "0.001", "train.amp": "True", "train.optim.name": "adam", "patch": "[96, 96]", "aug": "{}",
     }
+
+
+@pytest.mark.parametrize("build", ["installed", "2.13.0+cu130", "2.13.0"])
+def test_torch_tag_names_the_running_build_with_its_local_version(monkeypatch, build):
+    # A CUDA wheel from PyPI says 2.13.0 in its package metadata and 2.13.0+cu130 in torch.__version__;
+    # the tag must say which build ran, whichever wheel (CPU, CUDA, local or not) is installed.
+    if build != "installed":
+        monkeypatch.setattr(torch, "__version__", build)
+    assert environment_tags()["torch.version"] == torch.__version__
 
 
 def test_environment_tags_name_versions_and_the_git_commit(tmp_path):
@@ -137,6 +149,12 @@ def test_a_run_keeps_params_tags_metrics_artifacts_and_a_loadable_model(store, t
         assert not loaded.training
         assert torch.equal(loaded(x), model.eval()(x))
     assert model_uri == "models:/medseg-test-cells/1"
+    # Pinned to public versions: no index serves torch==2.13.0+cpu (or +cu130) by that name.
+    with _fluent_scope(store):  # MLflow resolves models:/ through its process-wide URI
+        files = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    requirements = (Path(files) / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in requirements
+    assert not [r for r in requirements if "+" in r]
 
 
 def test_a_resumed_run_continues_the_same_mlflow_run(store, tmp_path, caplog):
