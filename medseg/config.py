@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -132,6 +133,18 @@ class LossConfig(_Section):
     ce_weight: float = Field(1.0, ge=0.0)
     include_background: bool = False
     class_weights: list[float] | None = None
+    # Weights of the deep-supervision heads in the network's output order (README, Networks): halving, equal,
+    # or one weight per output (normalised). None: the network's default (UNet halving, UNet++ equal).
+    deep_supervision_weights: str | list[float] | None = None
+
+    @field_validator("deep_supervision_weights")
+    @classmethod
+    def _known_weighting(cls, v: str | list[float] | None) -> str | list[float] | None:
+        if isinstance(v, str) and v not in ("halving", "equal"):
+            raise ValueError(f"expected halving, equal or a list of weights (one per network output), got {v!r}")
+        if isinstance(v, list) and (not v or any(not math.isfinite(w) or w < 0 for w in v) or sum(v) == 0):
+            raise ValueError(f"expected one finite weight >= 0 per network output, not all 0, got {v}")
+        return v
 
     @model_validator(mode="after")
     def _something_to_optimise(self) -> LossConfig:

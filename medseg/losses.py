@@ -22,6 +22,32 @@ from torch import nn
 DS_WEIGHTINGS = ("halving", "equal")
 
 
+def deep_supervision_weights(spec: str | Sequence[float], num_heads: int) -> list[float]:
+    """Weights of ``num_heads`` deep-supervision heads, normalised to sum to 1.
+
+    Args:
+        spec: ``"halving"`` (head ``i`` gets ``1/2**i`` before normalising: the full-resolution head 0 counts
+            most, as in nnU-Net), ``"equal"`` (the UNet++ paper's average), or one finite weight >= 0 per
+            head in the network's output order, not all 0.
+        num_heads: the number of outputs the network returns in training mode.
+
+    Raises:
+        ValueError: an unknown name, a list of another length, or negative, non-finite or all-zero weights.
+    """
+    if isinstance(spec, str):
+        if spec not in DS_WEIGHTINGS:
+            raise ValueError(f"expected {', '.join(DS_WEIGHTINGS)} or one weight per head, got {spec!r}")
+        raw = [0.5**i for i in range(num_heads)] if spec == "halving" else [1.0] * num_heads
+    else:
+        raw = [float(w) for w in spec]
+        if len(raw) != num_heads:
+            raise ValueError(f"expected {num_heads} weights (one per network output), got {len(raw)}: {list(spec)}")
+        if not all(math.isfinite(w) and w >= 0 for w in raw) or sum(raw) == 0:
+            raise ValueError(f"expected finite weights >= 0, not all 0, got {list(spec)}")
+    total = sum(raw)
+    return [w / total for w in raw]
+
+
 class LossOutput(NamedTuple):
     """The loss and its unweighted parts.
 
@@ -46,8 +72,10 @@ class DiceWeightedCELoss(nn.Module):
         class_weights: one non-negative weight per class for the CE term; ``None`` = all 1.
         smooth: added to the Dice numerator and denominator; a class absent from the whole batch
             then scores ~1 only if it is also (almost) never predicted.
-        ds_weights: weighting of deep-supervision heads: ``"halving"`` (head ``i`` gets ``1/2**i``) or
-            ``"equal"``; normalised to sum to 1 either way, so identical heads give the single-head loss.
+        ds_weights: weighting of the deep-supervision heads, in the order the network returns them:
+            ``"halving"`` (head ``i`` gets ``1/2**i``), ``"equal"``, or one non-negative weight per head;
+            normalised to sum to 1 (see :func:`deep_supervision_weights`), so identical heads give the
+            single-head loss.
 
     Example:
         >>> loss_fn = DiceWeightedCELoss(num_classes=3)
@@ -63,7 +91,7 @@ class DiceWeightedCELoss(nn.Module):
         include_background: bool = False,
         class_weights: Sequence[float] | None = None,
         smooth: float = 1e-5,
-        ds_weights: str = "halving",
+        ds_weights: str | Sequence[float] = "halving",
     ):
         super().__init__()
         if num_classes < 2:
@@ -72,8 +100,10 @@ class DiceWeightedCELoss(nn.Module):
             raise ValueError(
                 f"dice_weight and ce_weight must be >= 0 and not both 0, got {dice_weight} and {ce_weight}"
             )
-        if ds_weights not in DS_WEIGHTINGS:
-            raise ValueError(f"unknown ds_weights '{ds_weights}'; expected one of: {', '.join(DS_WEIGHTINGS)}")
+        try:
+            deep_supervision_weights(ds_weights, 1 if isinstance(ds_weights, str) else len(ds_weights))
+        except ValueError as err:
+            raise ValueError(f"ds_weights: {err}") from None
         if class_weights is not None:
             if len(class_weights) != num_classes or min(class_weights) < 0:
                 raise ValueError(
@@ -88,7 +118,7 @@ class DiceWeightedCELoss(nn.Module):
         self.ce_weight = ce_weight
         self.include_background = include_background
         self.smooth = smooth
-        self.ds_weights = ds_weights
+        self.ds_weights = ds_weights if isinstance(ds_weights, str) else [float(w) for w in ds_weights]
 
     def forward(
         self,
@@ -121,7 +151,12 @@ class DiceWeightedCELoss(nn.Module):
         target = self._check_target(heads[0], target)
         weight = self._check_weight(target, weight)
 
-        head_weights = self._head_weights(len(heads))
+        if not isinstance(self.ds_weights, str) and len(self.ds_weights) != len(heads):
+            raise ValueError(
+                f"ds_weights holds {len(self.ds_weights)} weights but the model returned {len(heads)} outputs; "
+                "expected one weight per output"
+            )
+        head_weights = deep_supervision_weights(self.ds_weights, len(heads))
         total, dice_sum, ce_sum = 0.0, 0.0, 0.0
         for i, (head, w_head) in enumerate(zip(heads, head_weights)):
             t, w = self._head_target(i, head, heads[0], target, weight)
@@ -159,10 +194,6 @@ class DiceWeightedCELoss(nn.Module):
         return (w * ce).sum() / w.sum().clamp_min(1e-8)
 
     # -- checks and deep-supervision helpers -------------------------------------------------------------
-
-    def _head_weights(self, n: int) -> list[float]:
-        raw = [0.5**i for i in range(n)] if self.ds_weights == "halving" else [1.0] * n
-        return [r / sum(raw) for r in raw]
 
     def _check_target(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim not in (4, 5):

@@ -28,7 +28,7 @@ from medseg.engine.loop import StepSettings, evaluate, resolve_amp, train_one_ep
 from medseg.engine.optim import build_optimizer, build_scheduler
 from medseg.errors import ConfigError, DataError
 from medseg.inference import SlidingWindowPredictor
-from medseg.losses import DiceWeightedCELoss
+from medseg.losses import DiceWeightedCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.nets import build_network
 from medseg.tracking import Tracker, environment_tags
@@ -116,6 +116,32 @@ def _iterations_per_epoch(cfg: ExperimentConfig, n_train: int) -> int:
     return cfg.train.iterations_per_epoch or max(1, math.ceil(n_train / cfg.train.batch_size))
 
 
+def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) -> DiceWeightedCELoss:
+    """The training loss, with ``loss.deep_supervision_weights`` (or the network's default) checked against
+    the outputs the network returns: one weight per output, and a trained head for the one prediction uses."""
+    heads = tuple(model.head_names)
+    spec = cfg.loss.deep_supervision_weights or model.default_deep_supervision_weights
+    key = "loss.deep_supervision_weights"
+    try:
+        weights = deep_supervision_weights(spec, len(heads))
+    except ValueError as err:
+        raise ConfigError(key, f"{err}; the network's outputs are {', '.join(heads)}") from None
+    used = getattr(model, "eval_head", heads[0])
+    if weights[heads.index(used)] == 0:
+        raise ConfigError(key, f"the head on {used}, which prediction uses (model.params.prune_level), gets weight 0 "
+                               f"and would never be trained; the outputs are {', '.join(heads)}")
+    if len(heads) > 1:
+        log.info("deep-supervision weights: %s", ", ".join(f"{h} {w:.3f}" for h, w in zip(heads, weights)))
+    return DiceWeightedCELoss(
+        num_classes=num_classes,
+        dice_weight=cfg.loss.dice_weight,
+        ce_weight=cfg.loss.ce_weight,
+        include_background=cfg.loss.include_background,
+        class_weights=cfg.loss.class_weights,
+        ds_weights=weights,
+    )
+
+
 def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train from a validated config. Returns where the run is and how it went."""
     info_d = dist.init_distributed(cfg.train.device)
@@ -176,13 +202,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -
     if dinfo.enabled:
         ddp_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
-    loss_fn = DiceWeightedCELoss(
-        num_classes=len(class_names),
-        dice_weight=cfg.loss.dice_weight,
-        ce_weight=cfg.loss.ce_weight,
-        include_background=cfg.loss.include_background,
-        class_weights=cfg.loss.class_weights,
-    )
+    loss_fn = build_loss(cfg, model, len(class_names))
     optimizer = build_optimizer(net.parameters(), cfg.train.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.epochs, iters)
     amp_dtype = resolve_amp(cfg.train.amp, device)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medseg.losses import DiceWeightedCELoss, LossOutput, _downsample_to
+from medseg.losses import DiceWeightedCELoss, LossOutput, _downsample_to, deep_supervision_weights
 from medseg.nets import UNet
 from medseg.nets.blocks import coarse_size, crop_to, max_pool, pad_to_multiple
 
@@ -174,6 +174,8 @@ def test_bad_heads_raise():
         ({"num_classes": 1}, "num_classes"),
         ({"num_classes": 3, "class_weights": [1.0, 2.0]}, "3 non-negative numbers"),
         ({"num_classes": 3, "ds_weights": "linear"}, "halving, equal"),
+        ({"num_classes": 3, "ds_weights": [1.0, -0.5]}, "finite weights >= 0"),
+        ({"num_classes": 3, "ds_weights": [0, 0]}, "not all 0"),
         ({"num_classes": 3, "dice_weight": 0, "ce_weight": 0}, "not both 0"),
     ],
 )
@@ -237,3 +239,21 @@ def test_a_coarse_head_off_the_pooling_grid_is_an_error():
     t = _labels((2, 17, 16))
     with pytest.raises(ValueError, match=r"head 1 spatial size \(6, 8\) is not on a pooling grid"):
         loss([_logits_for(t, 3), torch.zeros(2, 3, 6, 8)], t)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [("halving", [8 / 15, 4 / 15, 2 / 15, 1 / 15]), ("equal", [0.25] * 4), ([2, 0, 1, 1], [0.5, 0, 0.25, 0.25])],
+)
+def test_deep_supervision_weights_are_normalised(spec, expected):
+    assert deep_supervision_weights(spec, 4) == pytest.approx(expected)
+
+
+def test_explicit_head_weights_scale_each_heads_share_of_the_loss():
+    t = _labels()
+    good, bad = _logits_for(t, 3), _logits_for((t + 1) % 3, 3)
+    loss = DiceWeightedCELoss(num_classes=3, ds_weights=[3, 1, 0])
+    totals = [loss([bad if i == j else good for j in range(3)], t).total.item() for i in range(3)]
+    assert totals[0] == pytest.approx(3 * totals[1], rel=1e-4) and totals[2] < 1e-4
+    with pytest.raises(ValueError, match="holds 3 weights but the model returned 2 outputs"):
+        loss([good, good], t)

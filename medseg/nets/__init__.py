@@ -3,7 +3,9 @@
 Every network takes ``spatial_dims`` (2 or 3), ``in_channels`` and ``num_classes`` from the caller plus its
 own ``model.params``, accepts any input size, and returns logits ``B num_classes *S`` of the input's size.
 In training mode a network built with ``deep_supervision=True`` returns ``list[Tensor]`` instead: element 0
-the full-resolution logits, then its extra heads (see each class); in eval mode always one Tensor.
+the full-resolution logits, then its extra heads (see each class); in eval mode always one Tensor. Every network
+names its training-mode outputs in ``head_names`` and suggests a loss weighting of them in
+``default_deep_supervision_weights`` (used when ``loss.deep_supervision_weights`` is not set).
 """
 
 from __future__ import annotations

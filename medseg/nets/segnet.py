@@ -46,11 +46,14 @@ class SegNet(nn.Module):
 
     Attributes:
         deep_supervision: always False; SegNet has a single head.
+        head_names: ``("logits",)``, the one output.
 
     Returns from ``forward(x)`` with ``x`` of shape ``B in_channels *S``: logits ``B num_classes *S``.
     """
 
     deep_supervision = False
+    head_names = ("logits",)
+    default_deep_supervision_weights = "equal"  # one head: nothing to weigh
 
     def __init__(
         self,

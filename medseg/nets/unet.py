@@ -54,7 +54,15 @@ class UNet(nn.Module):
         eval mode, or no deep supervision: logits ``B num_classes *S``.
         training mode with deep supervision: ``[logits, head_1, ..., head_{depth-1}]`` where ``head_k``
         is ``B num_classes *ceil(S / 2**k)`` (coarser decoder levels, not upsampled).
+
+    Attributes:
+        head_names: what each training-mode output reads, in order: ``level_0`` (full resolution) then
+            ``level_1 .. level_{depth-1}``; only ``level_0`` without deep supervision.
+        default_deep_supervision_weights: ``"halving"``: the full-resolution head, the one prediction uses,
+            counts most (nnU-Net's choice); ``loss.deep_supervision_weights`` overrides it.
     """
+
+    default_deep_supervision_weights = "halving"
 
     def __init__(
         self,
@@ -94,6 +102,10 @@ class UNet(nn.Module):
             conv_layer(spatial_dims, ch[k], num_classes, kernel_size=1)
             for k in range(1, depth if deep_supervision else 1)
         )
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(f"level_{k}" for k in range(len(self.aux_heads) + 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = list(x.shape[2:])

@@ -61,7 +61,18 @@ class UNetPlusPlus(nn.Module):
         training mode with deep supervision: ``[head(x_0_depth), head(x_0_1), ..., head(x_0_{depth-1})]``,
         every element ``B num_classes *S``.
         training mode without: ``head(x_0_depth)``.
+
+    Attributes:
+        head_names: the node each training-mode output reads, in order: ``("x_0_4", "x_0_1", "x_0_2",
+            "x_0_3")`` for depth 4 (the whole network first, as every network here puts its full logits
+            first); ``("x_0_4",)`` without deep supervision.
+        eval_head: the node whose head eval mode returns, ``x_0_L``.
+        default_deep_supervision_weights: ``"equal"``, the paper's average of the heads. Every head may
+            serve pruned inference, so none may be starved: halving weights (head ``i``: ``1/2**i``) would
+            give ``x_0_3`` of a depth-4 network 6.7 % of the loss while pruning at L=3 reads it.
     """
+
+    default_deep_supervision_weights = "equal"
 
     def __init__(
         self,
@@ -111,6 +122,14 @@ class UNetPlusPlus(nn.Module):
     @property
     def prune_level(self) -> int:
         return self._prune_level
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(f"x_0_{j}" for j in (self.depth, *range(1, self.depth if self.deep_supervision else 1)))
+
+    @property
+    def eval_head(self) -> str:
+        return f"x_0_{self._prune_level}"
 
     @prune_level.setter
     def prune_level(self, level: int) -> None:

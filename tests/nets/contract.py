@@ -84,19 +84,20 @@ class NetworkContract:
     def test_deep_supervision_structure(self):
         if not self.supports_deep_supervision:
             model = self.build(2).train()
-            assert model.deep_supervision is False
+            assert model.deep_supervision is False and len(model.head_names) == 1
             assert isinstance(model(self.image(2)), torch.Tensor)
             return
         model = self.build(2, deep_supervision=True).train()
         assert model.deep_supervision is True
         outputs = model(self.image(2))
         assert isinstance(outputs, list)
+        assert len(outputs) == len(model.head_names)  # what loss.deep_supervision_weights is checked against
         assert outputs[0].shape == (BATCH, NUM_CLASSES, *SIZES[2])
         assert [tuple(o.shape[2:]) for o in outputs[1:]] == self.head_sizes(SIZES[2])
         assert all(o.shape[:2] == (BATCH, NUM_CLASSES) for o in outputs)
 
         without = self.build(2, deep_supervision=False).train()
-        assert without.deep_supervision is False
+        assert without.deep_supervision is False and len(without.head_names) == 1
         assert isinstance(without(self.image(2)), torch.Tensor)
 
     @pytest.mark.parametrize(
