@@ -294,6 +294,7 @@ def _downsample_to(
             x = F.pad(x, padding, mode="replicate")
         return pool(x, kernel_size=tuple(strides), stride=tuple(strides))
 
-    share = blocks(F.one_hot(target, num_classes).movedim(-1, 1).float())
+    onehot = torch.zeros((target.shape[0], num_classes, *target.shape[1:]), device=target.device)
+    share = blocks(onehot.scatter_(1, target[:, None], 1.0))  # B K *s, the fraction of each class
     labels = num_classes - 1 - share.flip(1).argmax(1)  # argmax takes the first maximum: the highest class
     return labels, None if weight is None else blocks(weight[:, None].float())[:, 0]
