@@ -137,13 +137,15 @@ class LossConfig(_Section):
     # or one weight per output (normalised). None: the network's default (UNet halving, UNet++ equal).
     deep_supervision_weights: str | list[float] | None = None
 
-    @field_validator("deep_supervision_weights")
+    @field_validator("deep_supervision_weights", mode="before")
     @classmethod
-    def _known_weighting(cls, v: str | list[float] | None) -> str | list[float] | None:
-        if isinstance(v, str) and v not in ("halving", "equal"):
-            raise ValueError(f"expected halving, equal or a list of weights (one per network output), got {v!r}")
-        if isinstance(v, list) and (not v or any(not math.isfinite(w) or w < 0 for w in v) or sum(v) == 0):
-            raise ValueError(f"expected one finite weight >= 0 per network output, not all 0, got {v}")
+    def _known_weighting(cls, v: Any) -> Any:
+        expected = "expected halving, equal or a list of finite weights >= 0 (one per network output, not all 0)"
+        if v is None or v in ("halving", "equal"):
+            return v
+        numbers = isinstance(v, list) and all(isinstance(w, int | float) and not isinstance(w, bool) for w in v)
+        if not numbers or not v or any(not math.isfinite(w) or w < 0 for w in v) or sum(v) == 0:
+            raise ValueError(f"{expected}, got {v!r}")
         return v
 
     @model_validator(mode="after")

@@ -35,8 +35,9 @@ def test_shipped_configs_validate_and_round_trip(path, tmp_path):
         (["transforms.normalize.lower=99.9"], "transforms.normalize", "must be below upper"),
         (["data.val_fraction=1.5"], "data.val_fraction", "less than 1"),
         (["loss.deep_supervision_weights=linear"], "loss.deep_supervision_weights", "expected halving, equal"),
-        (["loss.deep_supervision_weights=[1, -1]"], "loss.deep_supervision_weights", "finite weight >= 0"),
+        (["loss.deep_supervision_weights=[1, -1]"], "loss.deep_supervision_weights", "finite weights >= 0"),
         (["loss.deep_supervision_weights=[0, 0]"], "loss.deep_supervision_weights", "not all 0"),
+        (["loss.deep_supervision_weights=5"], "loss.deep_supervision_weights", "a list of finite weights"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_expected_form(overrides, key, expected):
