@@ -274,27 +274,28 @@ def _downsample_to(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Bring the ``B H W [D]`` target and weight map onto a coarse head's grid, cell by cell.
 
-    A network of this package pads its input at the high end of every axis (replicate) and halves it
-    with stride-2 pooling, so cell ``i`` of a head at stride ``f`` covers voxels ``[i*f, (i+1)*f)`` of the
-    replicate-padded input (:mod:`medseg.nets.blocks`). The target and weight map go through the same
-    geometry: replicate padding to a multiple of ``f``, then one value per ``f``-block. The label of a cell
-    is the class covering most of its block, ties to the higher class id, so that a structure one voxel
-    thin (a border between touching cells) is not erased at every coarse level; the weight is the
-    block's mean, which keeps the mass of a thin high-weight ridge. Resampling instead (nearest or
-    adaptive pooling from ``n`` to ``ceil(n / f)`` cells) would shift cells against the features whenever
-    ``n`` is not a multiple of ``f``.
+    A network of this package pads its input at the high end of every axis and halves it with stride-2
+    max-pooling, so cell ``i`` of a head at stride ``f`` pools voxels ``[i*f, (i+1)*f)``, and along an axis
+    of ``n`` voxels the head keeps ``ceil(n / f)`` cells (:mod:`medseg.nets.blocks`). The target and weight
+    map go through the same blocks: the label of a cell is the class covering most of its block, ties to
+    the higher class id, so that a structure one voxel thin (a border between touching cells) is not erased
+    at every coarse level; the weight is the block's mean, which keeps the mass of a thin high-weight ridge.
+    Only the image's own voxels vote, as in a max-pool, which the replicated padding cannot change: so the
+    last, partial block is not swayed toward its last row, and a head with one cell along an axis gets the
+    same target whatever its stride. Resampling instead (nearest or adaptive pooling from ``n`` to
+    ``ceil(n / f)`` cells) would shift cells against the features whenever ``n`` is not a multiple of ``f``.
     """
     padding: list[int] = []
     for n, f in zip(reversed(target.shape[1:]), reversed(strides)):  # F.pad lists the last axis first
         padding += [0, -n % f]
     pool = F.avg_pool2d if len(strides) == 2 else F.avg_pool3d
 
-    def blocks(x: torch.Tensor) -> torch.Tensor:  # B C *S -> B C *S/f, means of the padded blocks
-        if any(padding):
-            x = F.pad(x, padding, mode="replicate")
-        return pool(x, kernel_size=tuple(strides), stride=tuple(strides))
+    def blocks(x: torch.Tensor) -> torch.Tensor:  # B C *S -> B C *S/f, block sums / f**dims (zero padding)
+        return pool(F.pad(x, padding) if any(padding) else x, kernel_size=tuple(strides), stride=tuple(strides))
 
     onehot = torch.zeros((target.shape[0], num_classes, *target.shape[1:]), device=target.device)
-    share = blocks(onehot.scatter_(1, target[:, None], 1.0))  # B K *s, the fraction of each class
-    labels = num_classes - 1 - share.flip(1).argmax(1)  # argmax takes the first maximum: the highest class
-    return labels, None if weight is None else blocks(weight[:, None].float())[:, 0]
+    counts = blocks(onehot.scatter_(1, target[:, None], 1.0))  # B K *s, proportional to each class's voxels
+    labels = num_classes - 1 - counts.flip(1).argmax(1)  # argmax takes the first maximum: the highest class
+    if weight is None:
+        return labels, None
+    return labels, blocks(weight[:, None].float())[:, 0] / counts.sum(1)  # sum over classes: real voxels

@@ -257,3 +257,15 @@ def test_explicit_head_weights_scale_each_heads_share_of_the_loss():
     assert totals[0] == pytest.approx(3 * totals[1], rel=1e-4) and totals[2] < 1e-4
     with pytest.raises(ValueError, match="holds 3 weights but the model returned 2 outputs"):
         loss([good, good], t)
+
+
+@pytest.mark.parametrize("stride", [4, 8, 16])
+def test_padding_never_votes_so_a_single_cell_gets_the_same_target_at_any_stride(stride):
+    # An axis of 3 voxels under a head of stride >= 4 is one cell; the network's padding repeats the last
+    # voxel, which a max-pool ignores and a vote must too: the majority of 1, 1, 2 is 1 and the mean
+    # weight of 1, 1, 4 is 2, however far the block reaches past the image.
+    target = torch.tensor([1, 1, 2]).view(1, 3, 1).expand(2, 3, 5).contiguous()
+    weight = torch.tensor([1.0, 1.0, 4.0]).view(1, 3, 1).expand(2, 3, 5)
+    labels, pooled = _downsample_to((stride, 1), target, weight, 3)
+    assert labels.shape == (2, 1, 5) and (labels == 1).all()
+    torch.testing.assert_close(pooled, torch.full((2, 1, 5), 2.0))
