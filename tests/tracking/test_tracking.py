@@ -22,12 +22,12 @@ from medseg.tracking import (
     FALLBACK_FILE,
     Tracker,
     TrackingError,
-    _fluent_scope,
     environment_tags,
     flatten,
     load_model,
     resolve_tracking_uri,
 )
+from medseg.tracking.models import fluent_scope
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_a_run_keeps_params_tags_metrics_artifacts_and_a_loadable_model(store, t
         assert torch.equal(loaded(x), model.eval()(x))
     assert model_uri == "models:/medseg-test-cells/1"
     # Pinned to public versions: no index serves torch==2.13.0+cpu (or +cu130) by that name.
-    with _fluent_scope(store):  # MLflow resolves models:/ through its process-wide URI
+    with fluent_scope(store):  # MLflow resolves models:/ through its process-wide URI
         files = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
     requirements = (Path(files) / "requirements.txt").read_text().split()
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements

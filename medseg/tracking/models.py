@@ -1,0 +1,119 @@
+"""Logged models: the MLflow options a model is logged with, and :func:`load_model` to read one back."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from importlib import metadata as dist_metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from medseg import __version__
+from medseg.tracking.store import (
+    HEAVY_LIMITS,
+    TrackingError,
+    before_mlflow_import,
+    env_defaults,
+    resolve_tracking_uri,
+    short_error,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+
+def load_model(uri: str, map_location: Any = "cpu", tracking_uri: str | None = None,
+               ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Load a model logged by :meth:`Tracker.log_model`, in eval mode, with its metadata.
+
+    Args:
+        uri: ``runs:/<run_id>/model``, ``models:/<name>/<version>`` (or ``models:/<name>@<alias>``, or the
+            ``models:/m-<id>`` URI of MLflow 3), or a local model folder such as the fallback copy.
+        map_location: passed to ``torch.load``.
+        tracking_uri: the store holding the run; ``None`` resolves as in :func:`resolve_tracking_uri`.
+
+    Returns:
+        ``(model, metadata)``.
+
+    Raises:
+        TrackingError: the model cannot be found or read.
+    """
+    before_mlflow_import()
+    import mlflow.artifacts
+    import mlflow.pytorch
+    from mlflow.models import Model
+
+    store = resolve_tracking_uri(tracking_uri)
+    try:
+        with contextlib.ExitStack() as stack:
+            folder = uri
+            if not Path(uri).is_dir():
+                stack.enter_context(fluent_scope(store))
+                stack.enter_context(env_defaults(HEAVY_LIMITS))
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="medseg-model-"))
+                folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=store)
+            model = mlflow.pytorch.load_model(folder, map_location=map_location)
+            metadata = Model.load(folder).metadata or {}
+    except Exception as err:  # MlflowException, OSError, unpickling errors: all mean "cannot load this"
+        raise TrackingError(store, f"cannot load model {uri!r} ({short_error(err)})") from err
+    return model.eval(), metadata
+
+
+@contextlib.contextmanager
+def fluent_scope(uri: str, experiment_id: str | None = None) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI (and experiment) at ours for one fluent call, then restore.
+
+    ``mlflow.pytorch.log_model`` and artifact downloads read the global URI; without the experiment id the
+    logged model of MLflow 3 lands in experiment 0, where ``runs:/<run_id>/model`` no longer finds it.
+    """
+    import mlflow
+
+    saved = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID")}
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if experiment_id is not None:
+        os.environ["MLFLOW_EXPERIMENT_ID"] = experiment_id
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
+def quiet(logger_name: str) -> Iterator[None]:
+    """Silence a logger's warnings for one call (mlflow.pytorch warns about pickle, which we choose knowingly:
+    the safe "pt2" format needs an input example and a torch.export-able network)."""
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def model_options(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Arguments of mlflow.pytorch.log_model/save_model: explicit requirements, so MLflow neither loads the
+    model in a subprocess nor asks the network to infer them, and pickle serialisation."""
+    import mlflow.pytorch
+
+    requirements = [f"medseg=={__version__}"]
+    for dist in ("torch", "monai"):
+        with contextlib.suppress(dist_metadata.PackageNotFoundError):
+            # the public version: no index serves 2.13.0+cpu or +cu130 under that name, and the serving
+            # machine should get the build that suits it (see the README on torch builds)
+            version = dist_metadata.version(dist).split("+")[0]
+            requirements.append(f"{dist}=={version}")
+    options: dict[str, Any] = {"metadata": metadata, "pip_requirements": requirements}
+    if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters:
+        options["serialization_format"] = "pickle"  # mlflow 3 defaults to "pt2", which needs an input example
+    return options
