@@ -53,8 +53,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medseg.config import SchedulerConfig
-from medseg.data.io import write_image
 from medseg.data.synth import make_lesions
+from medseg.data.writers import write_image
 from medseg.engine.loop import StepSettings, train_one_epoch
 from medseg.engine.optim import Scheduler
 from medseg.inference import SlidingWindowPredictor

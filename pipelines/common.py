@@ -11,7 +11,7 @@ import monai.transforms as T
 
 from medseg.config import ExperimentConfig
 from medseg.data.datalist import DatasetInfo, discover
-from medseg.data.io import load_transforms
+from medseg.data.readers import load_transforms
 from medseg.errors import ConfigError, DataError
 from medseg.transforms.presets import (
     build_augmentation,

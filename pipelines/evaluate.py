@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.data.io import is_hidden, is_image_path, load_image, spacing_of, split_name
+from medseg.data.readers import is_hidden, is_image_path, load_image, spacing_of, split_name
 from medseg.errors import DataError
 from medseg.metrics import (
     aggregate_semantic,

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.data.io import is_hidden, is_image_path, split_name, write_image
+from medseg.data.readers import is_hidden, is_image_path, split_name
+from medseg.data.writers import write_image
 from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError, DataError, MedsegError

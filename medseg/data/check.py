@@ -15,7 +15,7 @@ from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 
 from medseg.data.datalist import Case, DatasetInfo, Problem, discover
-from medseg.data.io import load_image
+from medseg.data.readers import load_image
 from medseg.errors import DataError
 
 

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.data.io import is_image_path, split_name
+from medseg.data.readers import is_image_path, split_name
 from medseg.errors import DataError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

@@ -14,7 +14,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose
 from PIL import Image
 
-from medseg.data.io import (
+from medseg.data.readers import (
     IMAGE_EXTENSIONS,
     is_hidden,
     is_image_path,
@@ -22,9 +22,8 @@ from medseg.data.io import (
     load_transforms,
     spacing_of,
     split_name,
-    write_image,
-    write_label,
 )
+from medseg.data.writers import write_image, write_label
 from medseg.errors import DataError
 from tests.data.conftest import OBLIQUE, save_dicom_series, save_nifti
 
