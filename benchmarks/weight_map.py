@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests/
 
-from medseg.transforms.functional import border_weight_map  # noqa: E402
+from medseg.transforms.weight_map import border_weight_map  # noqa: E402
 from tests.transforms.reference import naive_border_weight_map, touching_nuclei  # noqa: E402
 
 CASES = {  # name: (shape, seeds, nucleus radius in pixels)

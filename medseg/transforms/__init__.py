@@ -1,7 +1,8 @@
 """Transforms: augmentation and targets as MONAI dictionary transforms, 2D and 3D.
 
-``functional`` (pure ops: warps, border weight map) -> ``array`` (one tensor) -> ``dictionary``
-(``...d`` MapTransforms, one random draw for all keys) -> ``presets`` (named pipelines from config).
+``functional`` (pure ops: labels, warps, colour) and ``weight_map`` (the U-Net border weight map) -> ``array``
+(one tensor) -> ``dictionary`` (``...d`` MapTransforms, one random draw for all keys) -> ``presets`` (named
+pipelines from config).
 """
 
 from medseg.transforms.array import (
@@ -23,7 +24,7 @@ from medseg.transforms.dictionary import (
     RandOpticalDistortiond,
     RandRot90d,
 )
-from medseg.transforms.functional import border_weight_map, class_balance_map, instances_to_semantic
+from medseg.transforms.functional import instances_to_semantic
 from medseg.transforms.presets import (
     PRESETS,
     build_augmentation,
@@ -33,6 +34,7 @@ from medseg.transforms.presets import (
     preset_parameters,
     preview_samples,
 )
+from medseg.transforms.weight_map import border_weight_map, class_balance_map
 
 __all__ = [
     "PRESETS",

@@ -1,7 +1,8 @@
 """Array transforms: one channel-first tensor ``C H W [D]`` in, one out, MetaTensor meta kept.
 
-They wrap :mod:`medseg.transforms.functional` the way MONAI's array transforms do; the dictionary
-versions in :mod:`medseg.transforms.dictionary` apply one random draw to several keys.
+They wrap :mod:`medseg.transforms.functional` and :mod:`medseg.transforms.weight_map` the way MONAI's array
+transforms do; the dictionary versions in :mod:`medseg.transforms.dictionary` apply one random draw to several
+keys.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from monai.transforms import RandomizableTransform, Transform
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor, ensure_tuple_rep
 
 from medseg.transforms import functional as fn
+from medseg.transforms import weight_map
 
 
 def _single_channel(img: NdarrayOrTensor, what: str) -> None:
@@ -51,7 +53,7 @@ class BorderWeightMap(Transform):
         sigma: its width, in pixels, or in physical units (from the MetaTensor affine) when
             ``physical_units`` is True.
         class_balance: True: ``w_c`` is the inverse class frequency (mean 1, see
-            :func:`~medseg.transforms.functional.class_balance_map`); False: ``w_c = 1``.
+            :func:`~medseg.transforms.weight_map.class_balance_map`); False: ``w_c = 1``.
         physical_units: measure distances with the pixel spacing.
     """
 
@@ -70,7 +72,7 @@ class BorderWeightMap(Transform):
         _single_channel(instance, "instance map")
         if classes is not None and tuple(classes.shape) != tuple(instance.shape):
             raise ValueError(f"class map shape {tuple(classes.shape)} != instance map shape {tuple(instance.shape)}")
-        weight = fn.border_weight_map(
+        weight = weight_map.border_weight_map(
             instance[0],
             w0=self.w0,
             sigma=self.sigma,
@@ -92,7 +94,7 @@ class ClassWeightMap(Transform):
     def __call__(self, label: NdarrayOrTensor) -> NdarrayOrTensor:
         _single_channel(label, "label map")
         if self.class_balance:
-            weight = fn.class_balance_map(label[0])[None]
+            weight = weight_map.class_balance_map(label[0])[None]
         else:
             weight = np.ones(tuple(label.shape), np.float32)
         return convert_to_dst_type(weight, label, dtype=torch.float32)[0]

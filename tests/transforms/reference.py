@@ -3,7 +3,7 @@
 This is the common public implementation (e.g. the widely copied Stack Overflow / Kaggle version):
 stack ``distance_transform_edt(instance != id)`` for every object, sort along the object axis, take
 the two smallest as ``d1`` and ``d2``, and apply the term on background pixels when there are at least
-two objects. ``medseg.transforms.functional.border_weight_map`` must equal it within 1e-4.
+two objects. ``medseg.transforms.weight_map.border_weight_map`` must equal it within 1e-4.
 """
 
 from __future__ import annotations

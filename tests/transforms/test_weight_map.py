@@ -8,14 +8,9 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage as ndi
 
-from medseg.transforms import BorderWeightMapd, ClassWeightMapd, InstanceToSemanticd, functional
-from medseg.transforms.functional import (
-    border_cutoff,
-    border_term,
-    border_weight_map,
-    class_balance_map,
-    instances_to_semantic,
-)
+from medseg.transforms import BorderWeightMapd, ClassWeightMapd, InstanceToSemanticd, weight_map
+from medseg.transforms.functional import instances_to_semantic
+from medseg.transforms.weight_map import border_cutoff, border_term, border_weight_map, class_balance_map
 from tests.transforms.reference import naive_border_term, naive_border_weight_map, touching_nuclei
 
 
@@ -209,9 +204,9 @@ def test_bands_of_large_images_give_the_whole_image_result(monkeypatch, shape, s
     inst = touching_nuclei(shape, 50, 8, seed=14)
     whole = border_term(inst, spacing=spacing)
     calls = []
-    sweep = functional._two_nearest
-    monkeypatch.setattr(functional, "_two_nearest", lambda *a: calls.append(1) or sweep(*a))
-    monkeypatch.setattr(functional, "_BAND_PIXELS", int(np.prod(shape[1:])) * rows)
+    sweep = weight_map._two_nearest
+    monkeypatch.setattr(weight_map, "_two_nearest", lambda *a: calls.append(1) or sweep(*a))
+    monkeypatch.setattr(weight_map, "_BAND_PIXELS", int(np.prod(shape[1:])) * rows)
     np.testing.assert_array_equal(border_term(inst, spacing=spacing), whole)
     assert len(calls) > 1
     np.testing.assert_allclose(whole, naive_border_term(inst, spacing=spacing), atol=1e-4)
