@@ -223,13 +223,14 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
         dims = self.data.spatial_dims
+        axes = " ".join("xyz"[:dims])
         if len(self.transforms.patch_size) != dims:
             raise _KeyedError(
                 "transforms.patch_size",
-                f"expected {dims} sizes for data.spatial_dims={dims}, got {self.transforms.patch_size}",
+                f"expected {dims} sizes ({axes}) for data.spatial_dims={dims}, got {self.transforms.patch_size}",
             )
         if self.data.spacing is not None and len(self.data.spacing) != dims:
-            raise _KeyedError("data.spacing", f"expected {dims} values, got {self.data.spacing}")
+            raise _KeyedError("data.spacing", f"expected {dims} values ({axes}), got {self.data.spacing}")
         classes = self.data.classes
         if classes is not None:
             n = len(classes)

@@ -10,6 +10,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 
+from medseg.data.readers import load_image, spacing_of
 from medseg.data.synth import make_cells, make_lesions
 from medseg.errors import ConfigError
 
@@ -182,17 +183,21 @@ def test_lesions2d_are_rgb_with_one_to_three_lesions(lesions2d):
         assert image[label == 1].mean() < image[label == 0].mean()  # pigmented: darker than skin
 
 
+def test_sizes_and_spacing_are_x_y_z_as_medseg_loads_them(tmp_path):
+    """One axis convention (README, "Axes"): ``size`` is the shape of the array medseg loads."""
+    volume = load_image(sorted((make_lesions(tmp_path / "l3", n=1, size=(40, 36, 16)) / "imagesTr").iterdir())[0])
+    assert tuple(volume.shape) == (1, 40, 36, 16)
+    np.testing.assert_allclose(spacing_of(volume), (0.8, 0.8, 2.5), rtol=1e-5)
+    rgb = load_image(sorted((make_lesions(tmp_path / "l2", n=1, dims=2, size=(64, 48)) / "imagesTr").iterdir())[0])
+    assert tuple(rgb.shape) == (3, 64, 48)
+    cells = make_cells(tmp_path / "c", n=1, size=(96, 64), diameter=(8, 16))
+    assert tuple(load_image(sorted((cells / "labelsTr").iterdir())[0]).shape) == (1, 96, 64)
+    thick_x = make_lesions(tmp_path / "lx", n=1, size=(16, 40, 40), spacing=(2.5, 0.8, 0.8))
+    assert spacing_of(load_image(sorted((thick_x / "imagesTr").iterdir())[0]))[0] == pytest.approx(2.5, rel=1e-5)
+
+
 def test_lesions_reject_bad_dims_and_size(tmp_path):
     with pytest.raises(ConfigError, match="dims"):
         make_lesions(tmp_path / "ds", dims=4)
     with pytest.raises(ConfigError, match="size"):
         make_lesions(tmp_path / "ds", dims=2, size=(32, 96, 96))
-
-
-# ---------------------------------------------------------------------------------------- preview
-@pytest.mark.parametrize("kind", ["cells", "lesions3d", "lesions2d"])
-def test_preview_is_a_real_picture(kind, request):
-    preview = np.asarray(Image.open(request.getfixturevalue(kind) / "preview.png").convert("RGB"))
-    assert preview.shape[0] > 200 and preview.shape[1] > 600
-    packed = (preview[..., 0].astype(np.int32) << 16) | (preview[..., 1].astype(np.int32) << 8) | preview[..., 2]
-    assert preview.std() > 20 and len(np.unique(packed)) > 100
