@@ -1,5 +1,7 @@
 """The ``medseg`` command line: thin argument parsing over the workflows in :mod:`pipelines`.
 
+Run as the ``medseg`` console script or as ``python -m pipelines`` (:mod:`pipelines.__main__`).
+
 Heavy imports (torch, MONAI, MLflow) happen inside each command so ``medseg --help`` stays fast. A user error
 (a bad file, config key or argument) prints one clear line per problem and exits with status 2; no traceback.
 """
@@ -42,32 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_synth(sub)
+    _add_check(sub)
+    _add_train(sub)
+    _add_predict(sub)
+    _add_evaluate(sub)
+    _add_augment_preview(sub)
+    _add_config(sub)
+    return parser
 
-    # synth -----------------------------------------------------------------------------------------------
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("synth", help="generate a synthetic dataset (cells or lesions)")
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     c = kinds.add_parser("cells", help="2D fluorescence-like nuclei with instance labels (16-bit TIFF)")
     c.add_argument("--out", required=True, type=Path, help="output dataset folder")
     c.add_argument("--n", type=int, default=8, help="number of training cases (default 8)")
     c.add_argument("--n-test", type=int, default=0, help="held-out cases with labels, in imagesTs/labelsTs")
-    c.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"))
+    c.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("X", "Y"),
+                   help="image width and height in pixels (default 256 256)")
     c.add_argument("--seed", type=int, default=0)
     le = kinds.add_parser("lesions", help="3D NIfTI lesion volumes (or 2D RGB with --dims 2), semantic labels")
     le.add_argument("--out", required=True, type=Path, help="output dataset folder")
     le.add_argument("--n", type=int, default=6, help="number of training cases (default 6)")
     le.add_argument("--n-test", type=int, default=0, help="held-out cases with labels, in imagesTs/labelsTs")
     le.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
-                    help="D H W for 3D (default 32 96 96), H W for 2D (default 192 192)")
+                    help="X Y Z for 3D (default 96 96 32), X Y for 2D (default 192 192), in voxels")
     le.add_argument("--dims", type=int, choices=(2, 3), default=3)
     le.add_argument("--seed", type=int, default=0)
 
-    # check -----------------------------------------------------------------------------------------------
+
+def _add_check(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="dataset integrity report (exit 1 when a problem is fatal)")
     p.add_argument("target", help="a dataset folder, or an experiment config (its data.root is checked)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tolerance", type=float, default=1e-3, help="geometry tolerance (default 1e-3)")
 
-    # train -----------------------------------------------------------------------------------------------
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a network from an experiment config; logs the run to MLflow")
     p.add_argument("config", type=Path, help="experiment YAML (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -78,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, default=None, help="run folder (overrides experiment.output_dir)")
     _add_tracking(p)
 
-    # predict ---------------------------------------------------------------------------------------------
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batch-predict a folder (or files) of scans with a trained model")
     p.add_argument("--model", required=True,
                    help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>")
@@ -94,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output already exists")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for runs:/ and models:/ models")
 
-    # evaluate --------------------------------------------------------------------------------------------
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="compare predictions with reference labels (Dice, HD95, AP, ...)")
     p.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps")
     p.add_argument("--ref", required=True, type=Path, help="folder of reference label maps")
@@ -104,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="log the summary into this MLflow run")
     _add_tracking(p)
 
-    # augment-preview -------------------------------------------------------------------------------------
+
+def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("augment-preview", help="PNG grid of augmented training samples with label overlays")
     p.add_argument("config", type=Path)
     p.add_argument("--out", required=True, type=Path, help="output PNG")
@@ -112,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    # config ----------------------------------------------------------------------------------------------
+
+def _add_config(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("config", help="validate a config and print it resolved (all defaults filled in)")
     p.add_argument("config", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    return parser
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -171,6 +188,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

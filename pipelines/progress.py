@@ -1,9 +1,13 @@
-"""Progress reporting: a tqdm bar on a terminal, a few plain lines when the output is a file or a pipe."""
+"""Progress reporting: a tqdm bar on a terminal, a few plain lines when the output is a file or a pipe; and the
+flag that SIGTERM/SIGINT raise so a loop stops cleanly after its current step."""
 
 from __future__ import annotations
 
+import logging
+import signal
 import sys
 import time
+from typing import Any
 
 from tqdm import tqdm
 
@@ -45,3 +49,27 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StopFlag:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; it then saves and exits cleanly."""
+
+    def __init__(self, logger: str = __name__) -> None:
+        self.log = logging.getLogger(logger)
+        self.signal: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None:  # a second Ctrl-C: the user really wants out
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+        self.log.warning("%s received: stopping after this step and saving a checkpoint", self.signal)
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)

@@ -7,20 +7,18 @@ epoch's samples, rank 0 alone validates, writes checkpoints and talks to MLflow.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import math
 import signal
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from medseg.config import ExperimentConfig, config_to_dict, dump_config, load_config
-from medseg.data.datalist import to_datalist
+from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch, split_cases
 from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
@@ -32,16 +30,15 @@ from medseg.losses import DiceWeightedCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.nets import build_network
 from medseg.tracking import Tracker, environment_tags
-from medseg.visualize import learning_curves, overlay_montage
 from pipelines.common import (
     dataset_fingerprint,
-    display_slice,
     model_metadata,
     resolve_dataset,
     training_transform,
     validation_transform,
 )
-from pipelines.progress import Progress
+from pipelines.progress import Progress, StopFlag
+from pipelines.train_report import log_epoch, log_run_artifacts
 
 log = logging.getLogger("medseg.train")
 
@@ -55,29 +52,6 @@ class TrainResult:
     best_foreground_dice: float | None  # all foreground classes as one, at the best epoch
     run_id: str | None
     interrupted: str | None  # the signal's name when a signal stopped the run
-
-
-class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; it then saves and exits cleanly."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C: the user really wants out
-            raise KeyboardInterrupt
-        self.signal = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step and saving a checkpoint", self.signal)
-
-    def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -116,6 +90,129 @@ def _iterations_per_epoch(cfg: ExperimentConfig, n_train: int) -> int:
     return cfg.train.iterations_per_epoch or max(1, math.ceil(n_train / cfg.train.batch_size))
 
 
+@dataclass
+class _Data:
+    """The dataset and its loaders (the validation loader on rank 0 only)."""
+
+    dataset: DatasetInfo
+    class_names: list[str]
+    n_train: int
+    n_val: int
+    in_channels: int
+    iterations: int  # per epoch and process
+    loader: Any
+    val_loader: Any | None
+
+
+@dataclass
+class _Components:
+    """What one optimisation step needs; ``net`` is ``model`` wrapped in DDP when there are several processes."""
+
+    model: torch.nn.Module
+    net: torch.nn.Module
+    loss_fn: DiceWeightedCELoss
+    optimizer: Any
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    settings: StepSettings
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint carries besides the weights and optimiser state; ``epoch`` counts finished ones."""
+
+    epoch: int = 0
+    step: int = 0
+    step_in_epoch: int = 0  # steps of epoch ``epoch`` already taken (a run interrupted mid-epoch)
+    best: float | None = None
+    best_epoch: int | None = None
+    best_foreground: float | None = None
+    run_id: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
+    finished_epochs: int | None = None  # train.epochs of a run that ended (all epochs or early stopping)
+    interrupted: str | None = None  # the signal's name
+    since_best: int = 0
+    examples: list = field(default_factory=list)  # validation (image, reference, prediction) for the montage
+    per_case: list = field(default_factory=list)  # validation rows of the last validation
+
+
+def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
+    """Train from a validated config. Returns where the run is and how it went."""
+    dist_info = dist.init_distributed(cfg.train.device)
+    try:
+        return _train(cfg, Path(output_dir or cfg.output_dir), resume, dist_info)
+    finally:
+        dist.cleanup_distributed()
+
+
+def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_info: dist.DistInfo) -> TrainResult:
+    """The steps of a training run, in order."""
+    _set_up_torch(cfg, dist_info.device)
+    cfg, data = _build_data(cfg, dist_info)
+    parts = _build_components(cfg, data, dist_info)
+    resume_from = _resume_path(resume, output_dir)
+    state = _resume(resume_from, parts, dist_info.device) if resume_from is not None else _State()
+    if resume == "auto" and resume_from is None:
+        log.info("no checkpoint in %s: starting from scratch", output_dir / "checkpoints")
+    if _nothing_left(state, cfg):
+        log.info("%s already finished (%d epochs): nothing to do", output_dir, state.epoch)
+        return _result(output_dir, state)
+    metadata = model_metadata(cfg, data.in_channels)
+    tracker = _start_tracking(cfg, output_dir, data.dataset, state, dist_info, fresh=resume_from is None)
+    checkpoints = _Checkpoints(output_dir / "checkpoints", parts, cfg, metadata)
+    _run_epochs(cfg, data, parts, state, checkpoints, tracker, dist_info)
+    if dist_info.is_main:
+        if state.interrupted is None:
+            checkpoints.save("last", state, state.epoch, 0, finished=True)  # --resume auto has nothing left to do
+        log_run_artifacts(output_dir, tracker, parts.model, metadata, state.history, state.per_case, state.examples,
+                          cfg.tracking.registered_model_name, state.interrupted)
+    dist.barrier(dist_info)
+    return _result(output_dir, state)
+
+
+def _set_up_torch(cfg: ExperimentConfig, device: torch.device) -> None:
+    if device.type == "cpu":  # denormal floats made some CPU steps ~50x slower at random (benchmarks/train_step.py)
+        torch.set_flush_denormal(True)
+    if cfg.experiment.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[ExperimentConfig, _Data]:
+    """Find the cases, split train/validation, build the datasets and loaders; fills classes into ``cfg``."""
+    cfg, dataset = resolve_dataset(cfg)
+    names = [c.name for c in dataset.cases]
+    try:
+        train_idx, val_idx = split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
+    except ValueError as err:
+        raise ConfigError("data.val_cases", str(err)) from None
+    records = to_datalist(dataset.cases)
+    train_data = [records[i] for i in train_idx]
+    val_data = [records[i] for i in val_idx]
+    torch.manual_seed(cfg.experiment.seed)
+    train_ds = make_dataset(train_data, training_transform(cfg), cfg.data.cache, cfg.data.num_workers)
+    first = train_ds[0]
+    first = first[0] if isinstance(first, list) else first
+    iterations = _iterations_per_epoch(cfg, len(train_data))
+    loader = make_train_loader(
+        train_ds,
+        batch_size=cfg.train.batch_size,
+        samples_per_epoch=iterations * cfg.train.batch_size * dist_info.world_size,
+        num_workers=cfg.data.num_workers,
+        seed=cfg.experiment.seed,
+        rank=dist_info.rank,
+        world_size=dist_info.world_size,
+        pin_memory=dist_info.device.type == "cuda",
+    )
+    val_loader = None
+    if val_data and dist_info.is_main:
+        val_ds = make_dataset(val_data, validation_transform(cfg), cfg.data.cache, cfg.data.num_workers)
+        val_loader = make_eval_loader(val_ds)
+    class_names = sorted(cfg.data.classes, key=cfg.data.classes.get)
+    return cfg, _Data(dataset, class_names, len(train_data), len(val_data), int(first["image"].shape[0]),
+                      iterations, loader, val_loader)
+
+
 def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) -> DiceWeightedCELoss:
     """The training loss, with ``loss.deep_supervision_weights`` (or the network's default) checked against
     the outputs the network returns: one weight per output, and a trained head for the one prediction uses."""
@@ -142,255 +239,191 @@ def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) 
     )
 
 
-def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
-    """Train from a validated config. Returns where the run is and how it went."""
-    info_d = dist.init_distributed(cfg.train.device)
-    try:
-        return _train(cfg, Path(output_dir or cfg.output_dir), resume, info_d)
-    finally:
-        dist.cleanup_distributed()
-
-
-def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dinfo) -> TrainResult:
-    device = dinfo.device
-    if device.type == "cpu":  # denormal floats made some CPU steps ~50x slower at random (benchmarks/train_step.py)
-        torch.set_flush_denormal(True)
-    cfg, info = resolve_dataset(cfg)
-    names = [c.name for c in info.cases]
-    try:
-        train_idx, val_idx = split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
-    except ValueError as err:
-        raise ConfigError("data.val_cases", str(err)) from None
-    records = to_datalist(info.cases)
-    train_data = [records[i] for i in train_idx]
-    val_data = [records[i] for i in val_idx]
-    class_names = sorted(cfg.data.classes, key=cfg.data.classes.get)
-
-    if cfg.experiment.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    torch.manual_seed(cfg.experiment.seed)
-
-    t_transform = training_transform(cfg)
-    train_ds = make_dataset(train_data, t_transform, cfg.data.cache, cfg.data.num_workers)
-    first = train_ds[0]
-    first = first[0] if isinstance(first, list) else first
-    in_channels = int(first["image"].shape[0])
-    iters = _iterations_per_epoch(cfg, len(train_data))
-    loader = make_train_loader(
-        train_ds,
-        batch_size=cfg.train.batch_size,
-        samples_per_epoch=iters * cfg.train.batch_size * dinfo.world_size,
-        num_workers=cfg.data.num_workers,
-        seed=cfg.experiment.seed,
-        rank=dinfo.rank,
-        world_size=dinfo.world_size,
-        pin_memory=device.type == "cuda",
-    )
-    val_loader = None
-    if val_data and dinfo.is_main:
-        val_ds = make_dataset(val_data, validation_transform(cfg), cfg.data.cache, cfg.data.num_workers)
-        val_loader = make_eval_loader(val_ds)
-
+def _build_components(cfg: ExperimentConfig, data: _Data, dist_info: dist.DistInfo) -> _Components:
+    """Network (DDP-wrapped when distributed), loss, optimiser, scheduler, gradient scaler and step settings."""
+    device = dist_info.device
     model = build_network(
-        cfg.model.name, cfg.model.params, spatial_dims=cfg.data.spatial_dims, in_channels=in_channels,
-        num_classes=len(class_names),
+        cfg.model.name, cfg.model.params, spatial_dims=cfg.data.spatial_dims, in_channels=data.in_channels,
+        num_classes=len(data.class_names),
     ).to(device)
     if cfg.train.channels_last and cfg.data.spatial_dims == 2:
         model = model.to(memory_format=torch.channels_last)
     net = model
-    if dinfo.enabled:
+    if dist_info.enabled:
         ddp_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
-    loss_fn = build_loss(cfg, model, len(class_names))
     optimizer = build_optimizer(net.parameters(), cfg.train.optimizer)
-    scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.epochs, iters)
+    scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.epochs, data.iterations)
     amp_dtype = resolve_amp(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     settings = StepSettings(device, amp_dtype, cfg.train.grad_clip, cfg.train.channels_last)
+    return _Components(model, net, build_loss(cfg, model, len(data.class_names)), optimizer, scheduler, scaler,
+                       settings)
 
-    # ---- resume
-    ckpt_dir = output_dir / "checkpoints"
-    start_epoch, step, skip, best, best_epoch, best_fg, run_id = 0, 0, 0, None, None, None, None
-    history: dict[str, list[float]] = {}
-    resume_from = _resume_path(resume, output_dir)
-    if resume_from is not None:
-        state = load_checkpoint(resume_from, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-        skip = int(state.get("step_in_epoch", 0))
-        best, best_epoch, best_fg = state.get("best_metric"), state.get("best_epoch"), state.get("best_foreground")
-        run_id, history = state.get("mlflow_run_id"), dict(state.get("history", {}))
-        restore_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d (+%d steps)", resume_from, start_epoch, skip)
-        stopped_early = state.get("finished") and state["config"]["train"]["epochs"] == cfg.train.epochs
-        if (start_epoch >= cfg.train.epochs or stopped_early) and skip == 0:
-            log.info("%s already finished (%d epochs): nothing to do", output_dir, start_epoch)
-            return TrainResult(output_dir, start_epoch, best, best_epoch, best_fg, run_id, None)
-    elif resume == "auto":
-        log.info("no checkpoint in %s: starting from scratch", ckpt_dir)
 
-    # ---- tracking (rank 0 only)
-    metadata = model_metadata(cfg, in_channels)
+def _resume(path: Path, parts: _Components, device: torch.device) -> _State:
+    """Load weights, optimiser, scheduler, scaler and random state from ``path``; return the run's state."""
+    saved = load_checkpoint(path, map_location=device)
+    parts.model.load_state_dict(saved["model"])
+    parts.optimizer.load_state_dict(saved["optimizer"])
+    parts.scheduler.load_state_dict(saved["scheduler"])
+    parts.scaler.load_state_dict(saved["scaler"])
+    restore_rng_state(saved["rng"])
+    state = _State(
+        epoch=int(saved["epoch"]), step=int(saved["step"]), step_in_epoch=int(saved.get("step_in_epoch", 0)),
+        best=saved.get("best_metric"), best_epoch=saved.get("best_epoch"),
+        best_foreground=saved.get("best_foreground"), run_id=saved.get("mlflow_run_id"),
+        history=dict(saved.get("history", {})),
+        finished_epochs=saved["config"]["train"]["epochs"] if saved.get("finished") else None,
+    )
+    log.info("resumed from %s at epoch %d (+%d steps)", path, state.epoch, state.step_in_epoch)
+    return state
+
+
+def _nothing_left(state: _State, cfg: ExperimentConfig) -> bool:
+    """All epochs done, or the run stopped early with the same ``train.epochs`` (a longer run may continue)."""
+    done = state.epoch >= cfg.train.epochs or state.finished_epochs == cfg.train.epochs
+    return done and state.step_in_epoch == 0
+
+
+def _start_tracking(cfg: ExperimentConfig, output_dir: Path, dataset: DatasetInfo, state: _State,
+                    dist_info: dist.DistInfo, fresh: bool) -> Tracker:
+    """Rank 0 writes the resolved config and starts (or resumes) the MLflow run; every rank learns its id."""
     tracker = Tracker(
         cfg.tracking.uri,
         cfg.tracking.experiment or cfg.experiment.name,
         run_name=cfg.experiment.run_name,
-        run_id=run_id,
+        run_id=state.run_id,
         fallback_dir=output_dir,
-        enabled=cfg.tracking.enabled and dinfo.is_main,
+        enabled=cfg.tracking.enabled and dist_info.is_main,
     )
-    if dinfo.is_main:
+    if dist_info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, output_dir / "config.yaml")
-        run_id = tracker.start()
-        if resume_from is None:
+        state.run_id = tracker.start()
+        if fresh:
             tracker.log_params(config_to_dict(cfg))
             tags = environment_tags()
             tags.update({
-                "medseg.dataset_fingerprint": dataset_fingerprint(info), "medseg.device": str(device),
-                "medseg.world_size": str(dinfo.world_size), "medseg.dataset": str(cfg.data.root),
+                "medseg.dataset_fingerprint": dataset_fingerprint(dataset), "medseg.device": str(dist_info.device),
+                "medseg.world_size": str(dist_info.world_size), "medseg.dataset": str(cfg.data.root),
             })
             tracker.set_tags(tags)
-    run_id = dist.broadcast_object(run_id, dinfo)
+    state.run_id = dist.broadcast_object(state.run_id, dist_info)
+    return tracker
 
-    def save(name: str, epoch: int, step_in_epoch: int, finished: bool = False) -> Path:
-        return save_checkpoint(ckpt_dir / f"{name}.pt", {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "epoch": epoch, "step": step, "step_in_epoch": step_in_epoch,
-            "best_metric": best, "best_epoch": best_epoch, "best_foreground": best_fg, "rng": capture_rng_state(),
-            "config": config_to_dict(cfg), "metadata": metadata, "mlflow_run_id": run_id, "history": history,
-            "finished": finished,
+
+class _Checkpoints:
+    """Writes ``checkpoints/<name>.pt``: weights, optimiser, scheduler, scaler, random state and the run state."""
+
+    def __init__(self, folder: Path, parts: _Components, cfg: ExperimentConfig, metadata: dict[str, Any]):
+        self.folder, self.parts, self.cfg, self.metadata = folder, parts, cfg, metadata
+
+    def save(self, name: str, state: _State, epoch: int, step_in_epoch: int, finished: bool = False) -> Path:
+        parts = self.parts
+        return save_checkpoint(self.folder / f"{name}.pt", {
+            "model": parts.model.state_dict(), "optimizer": parts.optimizer.state_dict(),
+            "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+            "epoch": epoch, "step": state.step, "step_in_epoch": step_in_epoch,
+            "best_metric": state.best, "best_epoch": state.best_epoch, "best_foreground": state.best_foreground,
+            "rng": capture_rng_state(), "config": config_to_dict(self.cfg), "metadata": self.metadata,
+            "mlflow_run_id": state.run_id, "history": state.history, "finished": finished,
         })
 
+
+def _run_epochs(cfg: ExperimentConfig, data: _Data, parts: _Components, state: _State, checkpoints: _Checkpoints,
+                tracker: Tracker, dist_info: dist.DistInfo) -> None:
+    """Train, validate, checkpoint and log epoch after epoch until the last one, early stopping or a signal."""
     predictor = SlidingWindowPredictor(
-        model, cfg.transforms.patch_size, len(class_names), overlap=cfg.inference.overlap,
-        sw_batch_size=cfg.inference.sw_batch_size, device=device, amp=amp_dtype is not None,
+        parts.model, cfg.transforms.patch_size, len(data.class_names), overlap=cfg.inference.overlap,
+        sw_batch_size=cfg.inference.sw_batch_size, device=dist_info.device,
+        amp=parts.settings.amp_dtype is not None,
     )
-    patience = cfg.train.early_stopping.patience
-    since_best = 0
-    examples: list = []
-    per_case: list = []
-    interrupted = None
-    epoch = start_epoch
     log.info(
         "training %s (%s parameters) on %d cases, validating on %d, %d iterations/epoch, device %s%s",
-        cfg.model.name, f"{sum(p.numel() for p in model.parameters()):,}", len(train_data), len(val_data), iters,
-        device, f", {dinfo.world_size} processes" if dinfo.enabled else "",
+        cfg.model.name, f"{sum(p.numel() for p in parts.model.parameters()):,}", data.n_train, data.n_val,
+        data.iterations, dist_info.device, f", {dist_info.world_size} processes" if dist_info.enabled else "",
     )
-    with _StopFlag() as stop:
-        for epoch in range(start_epoch, cfg.train.epochs):
-            seed_epoch(loader, cfg.experiment.seed, epoch)
-            progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs}", iters, enabled=dinfo.is_main)
-            t0 = time.perf_counter()
-            res = train_one_epoch(
-                net, loader, loss_fn, optimizer, scheduler, scaler, settings, skip=skip,
-                on_step=progress.update, should_stop=lambda: stop.signal is not None,
-            )
-            progress.close()
-            step += res.iterations
-            if res.interrupted:
-                interrupted = stop.signal
-                if dinfo.is_main:
-                    save("last", epoch, skip + res.iterations)
-                break
-            skip = 0
-            metrics = {f"train_{k}": dist.all_reduce_mean(v, dinfo) for k, v in res.losses.items()}
-            metrics.update({
-                "lr": scheduler.lr, "epoch_seconds": time.perf_counter() - t0,
-                "samples_per_second": res.samples_per_second * dinfo.world_size,
-                "data_seconds": res.data_seconds, "compute_seconds": res.compute_seconds,
-            })
-            val_metric = None
-            if val_loader is not None and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs):
-                vres, examples = evaluate(predictor, val_loader, class_names, dice_per_class, keep=6)
-                per_case = vres.per_case
-                metrics.update({f"val_{k}": v for k, v in vres.mean.items()})
-                val_metric = vres.mean.get("dice_mean")
-            val_metric = dist.broadcast_object(val_metric, dinfo)
-            scheduler.step_epoch(val_metric)
-            improved = val_metric is not None and not math.isnan(val_metric) and (
-                best is None or val_metric > best + cfg.train.early_stopping.min_delta
-            )
-            if improved:
-                best, best_epoch, since_best = val_metric, epoch + 1, 0
-                best_fg = metrics.get("val_dice_foreground")
-            elif val_metric is not None:
-                since_best += 1
-            for k, v in metrics.items():
-                history.setdefault(k, []).append(float(v))
-            if dinfo.is_main:
-                _log_epoch(epoch + 1, metrics, res)
+    patience = cfg.train.early_stopping.patience
+    with StopFlag("medseg.train") as stop:
+        for epoch in range(state.epoch, cfg.train.epochs):
+            metrics = _train_epoch(epoch, cfg, data, parts, state, dist_info, stop)
+            if metrics is None:  # a signal stopped it mid-epoch
+                if dist_info.is_main:
+                    checkpoints.save("last", state, epoch, state.step_in_epoch)
+                return
+            val_metric = _validate(epoch, cfg, data, predictor, state, metrics, dist_info)
+            parts.scheduler.step_epoch(val_metric)
+            improved = _track_best(epoch, cfg, state, metrics, val_metric)
+            state.epoch = epoch + 1
+            if dist_info.is_main:
+                log_epoch(state.epoch, metrics)
                 if improved:
-                    save("best", epoch + 1, 0)
-                save("last", epoch + 1, 0)
-                tracker.log_metrics(metrics, step=epoch + 1)
-            if patience is not None and since_best >= patience:
+                    checkpoints.save("best", state, state.epoch, 0)
+                checkpoints.save("last", state, state.epoch, 0)
+                tracker.log_metrics(metrics, step=state.epoch)
+            if patience is not None and state.since_best >= patience:
                 log.info("early stopping: no improvement for %d validations (best %.4f at epoch %s)",
-                         since_best, best, best_epoch)
-                epoch += 1
-                break
-        else:
-            epoch = cfg.train.epochs
-    if dinfo.is_main:
-        if interrupted is None:
-            save("last", epoch, 0, finished=True)  # a later --resume auto has nothing left to do
-        _finish(output_dir, tracker, model, metadata, history, per_case, examples, cfg, interrupted)
-    dist.barrier(dinfo)
-    return TrainResult(output_dir, epoch, best, best_epoch, best_fg, run_id, interrupted)
+                         state.since_best, state.best, state.best_epoch)
+                return
+    state.epoch = cfg.train.epochs
 
 
-def _log_epoch(epoch: int, metrics: dict[str, float], res) -> None:
-    val = "  ".join(f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k.startswith("val_"))
-    log.info(
-        "epoch %d: loss %.4f (%s)  %s  lr %.2e  %.1f samples/s  data %.1fs / compute %.1fs",
-        epoch, metrics.get("train_loss", float("nan")),
-        ", ".join(f"{k[6:]} {v:.4f}" for k, v in metrics.items() if k.startswith("train_") and k != "train_loss"),
-        val or "(no validation)", metrics["lr"], metrics["samples_per_second"], res.data_seconds,
-        res.compute_seconds,
+def _train_epoch(epoch: int, cfg: ExperimentConfig, data: _Data, parts: _Components, state: _State,
+                 dist_info: dist.DistInfo, stop: StopFlag) -> dict[str, float] | None:
+    """One epoch of optimisation; its averaged losses and timings, or None when a signal stopped it."""
+    seed_epoch(data.loader, cfg.experiment.seed, epoch)
+    progress = Progress(f"epoch {epoch + 1}/{cfg.train.epochs}", data.iterations, enabled=dist_info.is_main)
+    started = time.perf_counter()
+    outcome = train_one_epoch(
+        parts.net, data.loader, parts.loss_fn, parts.optimizer, parts.scheduler, parts.scaler, parts.settings,
+        skip=state.step_in_epoch, on_step=progress.update, should_stop=lambda: stop.signal is not None,
     )
+    progress.close()
+    state.step += outcome.iterations
+    if outcome.interrupted:
+        state.interrupted = stop.signal
+        state.step_in_epoch += outcome.iterations
+        return None
+    state.step_in_epoch = 0
+    metrics = {f"train_{k}": dist.all_reduce_mean(v, dist_info) for k, v in outcome.losses.items()}
+    metrics.update({
+        "lr": parts.scheduler.lr, "epoch_seconds": time.perf_counter() - started,
+        "samples_per_second": outcome.samples_per_second * dist_info.world_size,
+        "data_seconds": outcome.data_seconds, "compute_seconds": outcome.compute_seconds,
+    })
+    return metrics
 
 
-def _finish(output_dir, tracker, model, metadata, history, per_case, examples, cfg, interrupted) -> None:
-    """Artifacts: resolved config, learning curves, validation montage and CSV, best checkpoint, the model."""
-    art = output_dir / "artifacts"
-    art.mkdir(parents=True, exist_ok=True)
-    tracker.log_artifact(output_dir / "config.yaml")
-    if history:
-        tracker.log_artifact(learning_curves(history, art / "learning_curves.png"))
-    if per_case:
-        with open(art / "validation_cases.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(per_case[0]))
-            writer.writeheader()
-            writer.writerows(per_case)
-        tracker.log_artifact(art / "validation_cases.csv")
-    if examples:
-        tracker.log_artifact(_montage(examples, art / "validation_overlay.png"))
-    best_path = output_dir / "checkpoints" / "best.pt"
-    weights = best_path if best_path.is_file() else output_dir / "checkpoints" / "last.pt"
-    if weights.is_file() and not interrupted:
-        tracker.log_artifact(weights, "checkpoints")
-        model.load_state_dict(load_checkpoint(weights)["model"])
-        model.cpu().eval()
-        tracker.log_model(model, metadata, registered_model_name=cfg.tracking.registered_model_name)
-    tracker.end("KILLED" if interrupted else "FINISHED")
+def _validate(epoch: int, cfg: ExperimentConfig, data: _Data, predictor: SlidingWindowPredictor, state: _State,
+              metrics: dict[str, float], dist_info: dist.DistInfo) -> float | None:
+    """Validate when due (rank 0), adding ``val_*`` to ``metrics``; every rank gets the mean Dice (or None)."""
+    val_metric = None
+    due = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
+    if data.val_loader is not None and due:
+        validation, state.examples = evaluate(predictor, data.val_loader, data.class_names, dice_per_class, keep=6)
+        state.per_case = validation.per_case
+        metrics.update({f"val_{k}": v for k, v in validation.mean.items()})
+        val_metric = validation.mean.get("dice_mean")
+    return dist.broadcast_object(val_metric, dist_info)
 
 
-def _montage(examples, out: Path) -> Path:
-    images, refs, preds = [], [], []
-    for image, ref, pred in examples:
-        picture, ref2d, pred2d = display_slice(image, ref, pred)
-        images.append(picture)
-        refs.append(ref2d)
-        preds.append(pred2d)
-    return overlay_montage(images, refs, out, preds=preds, titles=[f"val {i}" for i in range(len(images))])
+def _track_best(epoch: int, cfg: ExperimentConfig, state: _State, metrics: dict[str, float],
+                val_metric: float | None) -> bool:
+    """Update the best score, the early-stopping count and the history; True when the best improved."""
+    improved = val_metric is not None and not math.isnan(val_metric) and (
+        state.best is None or val_metric > state.best + cfg.train.early_stopping.min_delta
+    )
+    if improved:
+        state.best, state.best_epoch, state.since_best = val_metric, epoch + 1, 0
+        state.best_foreground = metrics.get("val_dice_foreground")
+    elif val_metric is not None:
+        state.since_best += 1
+    for key, value in metrics.items():
+        state.history.setdefault(key, []).append(float(value))
+    return improved
 
 
-if __name__ == "__main__":  # `torchrun -m pipelines.train CONFIG ...` works as well as `torchrun $(which medseg) train`
-    from pipelines.cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))
+def _result(output_dir: Path, state: _State) -> TrainResult:
+    return TrainResult(output_dir, state.epoch, state.best, state.best_epoch, state.best_foreground, state.run_id,
+                       state.interrupted)

@@ -1,6 +1,6 @@
 """Data-parallel training with PyTorch DDP under ``torchrun``; a plain single process otherwise.
 
-``torchrun --nproc-per-node N -m pipelines.cli train ...`` starts N processes and tells each its place
+``torchrun --nproc-per-node N -m pipelines train ...`` starts N processes and tells each its place
 through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``).
 :func:`init_distributed` reads it and joins the process group (NCCL on CUDA, Gloo on CPU); without
 torchrun it returns a single-process :class:`DistInfo` and every helper here is a cheap no-op, so the

@@ -1,7 +1,11 @@
 """The CLI as a user runs it: real subprocesses, real files."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import tifffile
 
@@ -24,8 +28,10 @@ def test_synth_then_check_is_clean(medseg, tmp_path):
 
 
 def test_synth_lesions_3d_and_2d(medseg, tmp_path):
-    medseg("synth", "lesions", "--out", tmp_path / "l3", "--n", "2", "--size", "16", "40", "40")
+    medseg("synth", "lesions", "--out", tmp_path / "l3", "--n", "2", "--size", "40", "36", "16")
     assert medseg("check", tmp_path / "l3").returncode == 0
+    assert nib.load(sorted((tmp_path / "l3" / "imagesTr").iterdir())[0]).shape == (40, 36, 16)  # X Y Z
+    assert "X Y Z" in medseg("synth", "lesions", "--help").stdout
     medseg("synth", "lesions", "--dims", "2", "--out", tmp_path / "l2", "--n", "2", "--size", "64", "64")
     assert medseg("check", tmp_path / "l2").returncode == 0
 
@@ -72,3 +78,12 @@ def test_augment_preview_writes_a_grid(medseg, tmp_path):
     assert width > 200 and height > 100
     res = medseg("check", cfg)  # a config is accepted too: its data.root is checked
     assert "0 errors" in res.stdout
+
+
+def test_python_m_pipelines_is_the_cli_and_runs_once(tmp_path):
+    """`python -m pipelines` (also what `torchrun -m pipelines` starts) runs the command exactly once."""
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo_cells.yaml"
+    res = subprocess.run([sys.executable, "-m", "pipelines", "config", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("\nmodel:") == 1, res.stdout
