@@ -1,3 +1,4 @@
+# Over 450 lines on purpose: the one definition of every setting, one pydantic model per config section.
 """Typed experiment configuration: one YAML file -> validated objects -> resolved YAML saved with every run.
 
 Every section is a pydantic model that forbids unknown keys, so a typo is an error naming the key path and the
@@ -17,10 +18,20 @@ import copy
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import ConfigError
 
@@ -77,24 +88,37 @@ class DataConfig(_Section):
 
 
 class NormalizeConfig(_Section):
-    mode: Literal["percentile", "zscore", "ct", "none"] = "percentile"
-    lower: float = Field(1.0, ge=0.0, le=100.0)
-    upper: float = Field(99.8, ge=0.0, le=100.0)
-    window: list[float] = Field(default_factory=lambda: [-1000.0, 400.0], min_length=2, max_length=2)
-    per_channel: bool = True
-    nonzero: bool = False
+    """Intensity normalisation (also applied at prediction time, from the model's metadata)."""
 
-    @model_validator(mode="after")
-    def _ordered(self) -> NormalizeConfig:
-        if self.lower >= self.upper:
-            raise ValueError(f"lower percentile ({self.lower}) must be below upper ({self.upper})")
-        if self.window[0] >= self.window[1]:
-            raise ValueError(f"window must be [low, high] with low < high, got {self.window}")
-        return self
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+    mode: Literal["percentile", "zscore", "ct", "none"] = "percentile"
+    lower: float = Field(1.0, ge=0.0, le=100.0)  # percentile mode: these percentiles map to 0..1
+    upper: float = Field(99.8, ge=0.0, le=100.0, validate_default=True)
+    window: list[float] = Field(default_factory=lambda: [-1000.0, 400.0], min_length=2, max_length=2)  # ct: HU
+    per_channel: bool = True
+    nonzero: bool = False  # statistics of nonzero voxels only, zeros kept (percentile, zscore)
+
+    @field_validator("upper")
+    @classmethod
+    def _above_lower(cls, upper: float, info: ValidationInfo) -> float:
+        lower = info.data.get("lower")
+        if lower is not None and lower >= upper:
+            raise ValueError(f"expected upper > lower ({lower}), got {upper}")
+        return upper
+
+    @field_validator("window")
+    @classmethod
+    def _ordered_window(cls, window: list[float]) -> list[float]:
+        if window[0] >= window[1]:
+            raise ValueError(f"expected [low, high] with low < high, got {window}")
+        return window
 
 
 class WeightMapConfig(_Section):
     """The U-Net border weight map (Ronneberger et al. 2015)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
     enabled: bool = False
     w0: float = Field(10.0, ge=0.0)
@@ -103,9 +127,165 @@ class WeightMapConfig(_Section):
     physical_units: bool = False
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _range(low_bound: Literal["positive", "non-negative"] | None) -> Any:
+    """A ``[low, high]`` pair with ``low <= high`` (and ``0 < low`` / ``0 <= low``)."""
+    words = {"positive": "0 < ", "non-negative": "0 <= ", None: ""}[low_bound]
+
+    def check(value: Any) -> Any:
+        ok = isinstance(value, list | tuple) and len(value) == 2 and all(_is_number(x) for x in value)
+        ok = ok and value[0] <= value[1]
+        ok = ok and (low_bound is None or value[0] > 0 or (low_bound == "non-negative" and value[0] == 0))
+        if not ok:
+            raise ValueError(f"expected [low, high] with {words}low <= high, got {value!r}")
+        return [float(x) for x in value]
+
+    return Annotated[list[float], BeforeValidator(check)]
+
+
+def _degrees(value: Any) -> Any:
+    values = value if isinstance(value, list | tuple) else [value]
+    if len(values) not in (1, 3) or not all(_is_number(x) and 0 <= x <= 180 for x in values):
+        raise ValueError(f"expected degrees in [0, 180], a number or a list of 3 (one per plane), got {value!r}")
+    return value
+
+
+def _per_axis_positive(value: Any) -> Any:
+    values = value if isinstance(value, list | tuple) else [value]
+    if not values or not all(_is_number(x) and x > 0 for x in values):
+        raise ValueError(f"expected a number > 0 or one per spatial axis, got {value!r}")
+    return value
+
+
+def _distinct_axes(value: Any) -> Any:
+    if value is not None and (not isinstance(value, list) or len(set(value)) != len(value)):
+        raise ValueError(f"expected distinct spatial axes (0, 1[, 2]), got {value!r}")
+    return value
+
+
+def _two_axes(value: Any) -> Any:
+    if len(value) != 2:
+        raise ValueError(f"expected 2 distinct spatial axes (a plane), got {value!r}")
+    return value
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Axes = Annotated[
+    list[Annotated[int, Field(ge=0)]],
+    BeforeValidator(lambda v: list(v) if isinstance(v, tuple) else v),
+    AfterValidator(_distinct_axes),
+]
+Degrees = Annotated[float | list[float], BeforeValidator(_degrees)]
+PerAxis = Annotated[float | list[float], BeforeValidator(_per_axis_positive)]
+
+
+class AugmentationParams(_Section):
+    """Every augmentation parameter with the ``cells2d`` values as defaults (README, "Presets").
+
+    Strict types: ``true`` is not a probability, ``"0.5"`` not a number. Probabilities of 0 leave a transform
+    out. Per-axis values and axes are checked against ``data.spatial_dims`` by :meth:`dims_problems`.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+    padding_mode: Literal["reflection", "border", "zeros"] = "reflection"  # context beyond the border: mirror
+    flip_prob: Probability = 0.5  # per axis
+    flip_axes: Axes | None = None  # None: every spatial axis
+    rot90_prob: Probability = 0.75  # with k in 1..3: all four orientations equally likely
+    rot90_axes: Annotated[Axes, AfterValidator(_two_axes)] = Field(default_factory=lambda: [0, 1])
+    affine_prob: Probability = 0.3
+    rotate_deg: Degrees = 45.0  # with rot90 this covers every angle; 3D: one number or one per plane
+    scale_range: _range("positive") = Field(default_factory=lambda: [0.85, 1.15])  # per axis
+    elastic_prob: Probability = 0.3
+    elastic_spacing: PerAxis = 32.0  # control points, pixels
+    elastic_magnitude: _range("non-negative") = Field(default_factory=lambda: [1.0, 4.0])  # displacement std, px
+    grid_prob: Probability = 0.15
+    grid_cells: int = Field(5, ge=1)
+    grid_limit: float = Field(0.2, ge=0.0, le=0.99)
+    optical_prob: Probability = 0.15
+    optical_limit: float = Field(0.2, ge=0.0, le=1.0)
+    optical_shift: float = Field(0.1, ge=0.0, le=1.0)
+    brightness_prob: Probability = 0.3
+    brightness_range: _range("non-negative") = Field(default_factory=lambda: [0.75, 1.25])  # multiplies
+    contrast_prob: Probability = 0.3
+    contrast_range: _range("non-negative") = Field(default_factory=lambda: [0.75, 1.25])  # about the mean
+    gamma_prob: Probability = 0.3
+    gamma_range: _range("positive") = Field(default_factory=lambda: [0.7, 1.5])
+    noise_prob: Probability = 0.15
+    noise_std: float = Field(0.05, ge=0.0, allow_inf_nan=False)  # largest std (drawn in [0, noise_std])
+    blur_prob: Probability = 0.15
+    blur_sigma: _range("non-negative") = Field(default_factory=lambda: [0.5, 1.5])  # pixels
+    jitter_prob: Probability = 0.0
+    jitter_brightness: float = Field(0.2, ge=0.0, le=1.0)
+    jitter_contrast: float = Field(0.2, ge=0.0, le=1.0)
+    jitter_saturation: float = Field(0.2, ge=0.0, le=1.0)
+    jitter_hue: float = Field(0.05, ge=0.0, le=0.5)  # turns
+
+    def dims_problems(self, spatial_dims: int) -> list[tuple[str, str]]:
+        """``(parameter, message)`` for every value that does not fit ``spatial_dims`` (2 or 3)."""
+        problems = []
+        for name in ("flip_axes", "rot90_axes"):
+            axes = getattr(self, name)
+            if axes is not None and any(a >= spatial_dims for a in axes):
+                problems.append((name, f"expected spatial axes in 0..{spatial_dims - 1}, got {axes}"))
+        if isinstance(self.rotate_deg, list) and len(self.rotate_deg) != (1 if spatial_dims == 2 else 3):
+            planes = "1 (one plane in 2D)" if spatial_dims == 2 else "3 (one per plane)"
+            problems.append(("rotate_deg", f"expected a number or a list of {planes}, got {self.rotate_deg}"))
+        if isinstance(self.elastic_spacing, list) and len(self.elastic_spacing) != spatial_dims:
+            problems.append(("elastic_spacing", f"expected a number or a list of {spatial_dims}, "
+                                                f"got {self.elastic_spacing}"))
+        return problems
+
+
+_NO_AUGMENTATION = {name: 0.0 for name in AugmentationParams.model_fields if name.endswith("_prob")}
+# Each preset: the parameters it changes from the AugmentationParams defaults (which are cells2d's).
+AUGMENTATION_PRESETS: dict[str, dict[str, Any]] = {
+    "cells2d": {},
+    "lesions2d": {
+        "affine_prob": 0.5, "scale_range": [0.8, 1.2], "elastic_prob": 0.2, "elastic_spacing": 64.0,
+        "elastic_magnitude": [2.0, 6.0],
+        "brightness_prob": 0.0, "contrast_prob": 0.0,  # the colour jitter does brightness and contrast for RGB
+        "gamma_prob": 0.2, "noise_prob": 0.1, "noise_std": 0.03, "blur_prob": 0.1, "jitter_prob": 0.5,
+        "jitter_hue": 0.03,
+    },
+    "lesions3d": {
+        "rot90_prob": 0.0,  # volumes are often anisotropic; enable for isotropic patches
+        "affine_prob": 0.2, "rotate_deg": 15.0, "elastic_prob": 0.1, "elastic_magnitude": [1.0, 3.0],
+        "grid_prob": 0.0, "optical_prob": 0.0, "brightness_prob": 0.15, "contrast_prob": 0.15, "gamma_prob": 0.15,
+        "noise_prob": 0.1, "blur_prob": 0.1, "blur_sigma": [0.5, 1.0],
+    },
+    "none": _NO_AUGMENTATION,
+}
+
+
 class AugmentationConfig(_Section):
+    """A named preset and the parameters that differ from it; resolved to the full :class:`AugmentationParams`."""
+
     preset: str = "none"
-    params: dict[str, Any] = Field(default_factory=dict)  # overrides of the preset's defaults
+    params: AugmentationParams = Field(default_factory=lambda: AugmentationParams(**_NO_AUGMENTATION))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_under_params(cls, data: Any) -> Any:
+        """``params`` start from the preset's values, so a config names only what it changes."""
+        if isinstance(data, AugmentationConfig):
+            return data
+        if isinstance(data, Mapping):
+            preset, params = data.get("preset", "none"), data.get("params")
+            if preset in AUGMENTATION_PRESETS and (params is None or isinstance(params, Mapping)):
+                data = {**data, "params": {**AUGMENTATION_PRESETS[preset], **dict(params or {})}}
+        return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str) -> str:
+        if value not in AUGMENTATION_PRESETS:
+            raise ValueError(f"unknown augmentation preset '{value}'; expected one of: "
+                             f"{', '.join(AUGMENTATION_PRESETS)}")
+        return value
 
 
 class TransformsConfig(_Section):
@@ -222,27 +402,34 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentConfig:
-        dims = self.data.spatial_dims
-        axes = " ".join("xyz"[:dims])
-        if len(self.transforms.patch_size) != dims:
-            raise _KeyedError(
-                "transforms.patch_size",
-                f"expected {dims} sizes ({axes}) for data.spatial_dims={dims}, got {self.transforms.patch_size}",
-            )
-        if self.data.spacing is not None and len(self.data.spacing) != dims:
-            raise _KeyedError("data.spacing", f"expected {dims} values ({axes}), got {self.data.spacing}")
+        """Checks across sections; every problem found is reported together."""
+        problems = self._dims_problems()
         classes = self.data.classes
         if classes is not None:
             n = len(classes)
             if self.loss.class_weights is not None and len(self.loss.class_weights) != n:
-                raise _KeyedError(
-                    "loss.class_weights", f"expected {n} weights (one per class), got {len(self.loss.class_weights)}"
-                )
+                problems.append(("loss.class_weights",
+                                 f"expected {n} weights (one per class), got {len(self.loss.class_weights)}"))
             for key in ("cell_class", "border_class"):
                 cid = getattr(self.inference, key)
                 if cid is not None and cid >= n:
-                    raise _KeyedError(f"inference.{key}", f"class id {cid} out of range: classes are 0..{n - 1}")
+                    problems.append((f"inference.{key}", f"class id {cid} out of range: classes are 0..{n - 1}"))
+        if problems:
+            raise _KeyedError(problems)
         return self
+
+    def _dims_problems(self) -> list[tuple[str, str]]:
+        dims = self.data.spatial_dims
+        axes = " ".join("xyz"[:dims])
+        problems = []
+        if len(self.transforms.patch_size) != dims:
+            problems.append(("transforms.patch_size", f"expected {dims} sizes ({axes}) for data.spatial_dims={dims}, "
+                                                      f"got {self.transforms.patch_size}"))
+        if self.data.spacing is not None and len(self.data.spacing) != dims:
+            problems.append(("data.spacing", f"expected {dims} values ({axes}), got {self.data.spacing}"))
+        augmentation = self.transforms.augmentation.params.dims_problems(dims)
+        problems += [(f"transforms.augmentation.params.{name}", message) for name, message in augmentation]
+        return problems
 
     @property
     def num_classes(self) -> int:
@@ -256,11 +443,11 @@ class ExperimentConfig(_Section):
 
 
 class _KeyedError(ValueError):
-    """A cross-field error raised inside a model validator, carrying the key it is about."""
+    """Cross-field errors raised inside a model validator, each with the key it is about."""
 
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(message)
+    def __init__(self, problems: list[tuple[str, str]]):
+        self.problems = problems
+        super().__init__("; ".join(f"{key}: {message}" for key, message in problems))
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -275,6 +462,16 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
 
     Raises:
         ConfigError: naming the file, the key path and the expected form, for every problem found.
+    """
+    raw, where = read_config(source, overrides)
+    return validate_config(raw, where)
+
+
+def read_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str] = ()) -> tuple[dict, str | None]:
+    """The raw mapping of a config with ``overrides`` applied, not validated yet, and the file it came from.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, not a mapping, or an override is malformed.
     """
     where = None
     if isinstance(source, Mapping):
@@ -294,34 +491,52 @@ def load_config(source: str | Path | Mapping[str, Any], overrides: Iterable[str]
         raise ConfigError("", f"expected a mapping of sections at the top level, got {type(raw).__name__}", where)
     for item in overrides:
         apply_override(raw, item)
-    return validate_config(raw, where)
+    return raw, where
 
 
 def validate_config(raw: Mapping[str, Any], source: str | None = None) -> ExperimentConfig:
     """Validate a raw mapping; every problem is reported (one line each) in one :class:`ConfigError`."""
+    return validate_section(ExperimentConfig, raw, source=source)
+
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+def validate_section(model: type[SectionT], values: Any, key: str = "", source: str | None = None) -> SectionT:
+    """``values`` (a mapping or already a ``model``) as a validated ``model``, the config section at ``key``.
+
+    The library's builders take their settings through this, so a setting is checked by its pydantic model
+    alone, wherever it comes from (a config file, a model's metadata, a Python caller).
+
+    Raises:
+        ConfigError: every problem, each named by its key path below ``key``.
+    """
+    if isinstance(values, model):
+        return values
     try:
-        return ExperimentConfig.model_validate(raw)
+        return model.model_validate({} if values is None else values)
     except ValidationError as err:
-        problems = [_describe(e) for e in err.errors()]
-        (key, message), others = problems[0], problems[1:]
-        raise ConfigError(key, message, source=source, others=others) from None
+        problems = [problem for e in err.errors() for problem in _describe(e, model, key)]
+        (first, message), others = problems[0], problems[1:]
+        raise ConfigError(first, message, source=source, others=others) from None
 
 
-def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+def _describe(error: Mapping[str, Any], model: type[BaseModel], prefix: str) -> list[tuple[str, str]]:
+    """``(key path, message)`` problems of one pydantic error."""
     loc = list(error.get("loc", ()))
     ctx_err = (error.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _KeyedError):
-        return ctx_err.key, str(ctx_err)
-    key = _key_path(loc)
+        return list(ctx_err.problems)
+    key = _key_path([*prefix.split("."), *loc] if prefix else loc)
     if error["type"] == "extra_forbidden":
-        valid = _valid_keys(loc[:-1])
-        return key, f"unknown key; expected one of: {', '.join(valid)}"
+        valid = _valid_keys(loc[:-1], model)
+        return [(key, f"unknown key; expected one of: {', '.join(valid)}")]
     if error["type"] == "missing":
-        return key, "required key is missing"
+        return [(key, "required key is missing")]
     msg = error["msg"].removeprefix("Value error, ")
     if error["type"] not in ("value_error",) and "input" in error:
         msg += f" (got {error['input']!r})"
-    return key, msg
+    return [(key, msg)]
 
 
 def _key_path(loc: list[Any]) -> str:
@@ -334,8 +549,7 @@ def _key_path(loc: list[Any]) -> str:
     return out or "<top level>"
 
 
-def _valid_keys(loc: list[Any]) -> list[str]:
-    model: Any = ExperimentConfig
+def _valid_keys(loc: list[Any], model: Any) -> list[str]:
     for part in loc:
         if isinstance(part, int):
             continue

@@ -63,8 +63,8 @@ def _preprocessing(cfg: ExperimentConfig) -> list:
         build_preprocessing(
             spatial_dims=cfg.data.spatial_dims,
             label_kind=cfg.data.label_kind,
-            normalize=cfg.transforms.normalize.model_dump(),
-            weight_map=cfg.transforms.weight_map.model_dump(),
+            normalize=cfg.transforms.normalize,
+            weight_map=cfg.transforms.weight_map,
             instance_to_semantic=cfg.data.instance_to_semantic if cfg.data.label_kind == "instance" else None,
         )
     )
@@ -92,9 +92,7 @@ def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
             keys=keys, label_key="label", spatial_size=tcfg.patch_size, pos=ratio, neg=1.0 - ratio, num_samples=1,
             allow_smaller=False,
         ),
-        build_augmentation(
-            tcfg.augmentation.preset, tcfg.augmentation.params, spatial_dims=cfg.data.spatial_dims, label_keys=keys[1:]
-        ),
+        build_augmentation(tcfg.augmentation.params, spatial_dims=cfg.data.spatial_dims, label_keys=keys[1:]),
     ]
 
 

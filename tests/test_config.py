@@ -32,12 +32,15 @@ def test_shipped_configs_validate_and_round_trip(path, tmp_path):
         (["data.classes={bg: 0, cell: 1}", "loss.class_weights=[1.0]"], "loss.class_weights", "expected 2 weights"),
         (["train.optimizer.name=rmsprop"], "train.optimizer.name", "'adam', 'adamw' or 'sgd'"),
         (["loss.dice_weight=0", "loss.ce_weight=0"], "loss", "nothing to optimise"),
-        (["transforms.normalize.lower=99.9"], "transforms.normalize", "must be below upper"),
+        (["transforms.normalize.lower=99.9"], "transforms.normalize.upper", "expected upper > lower"),
         (["data.val_fraction=1.5"], "data.val_fraction", "less than 1"),
         (["loss.deep_supervision_weights=linear"], "loss.deep_supervision_weights", "expected halving, equal"),
         (["loss.deep_supervision_weights=[1, -1]"], "loss.deep_supervision_weights", "finite weights >= 0"),
         (["loss.deep_supervision_weights=[0, 0]"], "loss.deep_supervision_weights", "not all 0"),
         (["loss.deep_supervision_weights=5"], "loss.deep_supervision_weights", "a list of finite weights"),
+        (["transforms.augmentation.preset=cells3d"], "transforms.augmentation.preset", "cells2d, lesions2d"),
+        (["transforms.augmentation.params.flip_axes=[2]"], "transforms.augmentation.params.flip_axes", "0..1"),
+        (["transforms.augmentation.params.noise_prob=true"], "transforms.augmentation.params.noise_prob", "number"),
     ],
 )
 def test_invalid_values_name_the_key_and_the_expected_form(overrides, key, expected):
@@ -101,3 +104,19 @@ def test_defaults_and_output_dir():
     assert isinstance(cfg, ExperimentConfig)
     assert cfg.output_dir == Path("runs/abc")
     assert cfg.transforms.weight_map.w0 == 10.0 and cfg.transforms.weight_map.sigma == 5.0
+
+
+def test_cross_section_problems_are_reported_together():
+    with pytest.raises(ConfigError) as info:
+        load_config(BASE, ["transforms.patch_size=[64, 64, 64]", "transforms.augmentation.params.elastic_spacing=[8]",
+                           "data.classes={bg: 0, cell: 1}", "loss.class_weights=[1.0]"])
+    assert {key for key, _ in info.value.problems} == {
+        "transforms.patch_size", "transforms.augmentation.params.elastic_spacing", "loss.class_weights"}
+
+
+def test_augmentation_resolves_to_every_parameter_of_its_preset():
+    cfg = load_config(BASE, ["transforms.augmentation.preset=lesions3d", "data.spatial_dims=3",
+                             "transforms.patch_size=[8, 8, 8]", "transforms.augmentation.params.blur_prob=0.5"])
+    params = cfg.transforms.augmentation.params
+    assert params.rot90_prob == 0.0 and params.rotate_deg == 15.0 and params.blur_prob == 0.5
+    assert load_config(yaml.safe_load(dump_config(cfg))) == cfg  # the resolved file holds them all

@@ -26,7 +26,7 @@ from medseg.transforms.dictionary import (
 )
 from medseg.transforms.functional import instances_to_semantic
 from medseg.transforms.presets import (
-    PRESETS,
+    augmentation_settings,
     build_augmentation,
     build_mirror_pad,
     build_normalization,
@@ -37,7 +37,6 @@ from medseg.transforms.presets import (
 from medseg.transforms.weight_map import border_weight_map, class_balance_map
 
 __all__ = [
-    "PRESETS",
     "BorderWeightMap",
     "BorderWeightMapd",
     "ClassWeightMap",
@@ -53,6 +52,7 @@ __all__ = [
     "RandOpticalDistortion",
     "RandOpticalDistortiond",
     "RandRot90d",
+    "augmentation_settings",
     "border_weight_map",
     "build_augmentation",
     "build_mirror_pad",

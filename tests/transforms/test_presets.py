@@ -7,14 +7,15 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
+from medseg.config import AUGMENTATION_PRESETS, AugmentationParams
 from medseg.errors import ConfigError
-from medseg.transforms import PRESETS, build_augmentation, build_preprocessing, preset_parameters, preview_samples
+from medseg.transforms import build_augmentation, build_preprocessing, preset_parameters, preview_samples
 from tests.transforms.reference import naive_border_weight_map, touching_nuclei
 from tests.transforms.samples import make_sample, weight_of
 
 
 @pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize("preset", sorted(AUGMENTATION_PRESETS))
 def test_presets_run_and_keep_labels_valid(preset, dims):
     data = make_sample(dims, channels=3 if preset == "lesions2d" else 1)
     t = build_augmentation(preset, spatial_dims=dims)
@@ -41,7 +42,7 @@ def test_preset_is_deterministic_for_a_seed(preset):
 
 
 def test_cells2d_has_what_fluorescence_needs_without_doing_everything_at_once():
-    p = PRESETS["cells2d"]
+    p = preset_parameters("cells2d")
     for name in ("flip", "rot90", "elastic", "grid", "optical", "brightness", "contrast", "gamma", "noise", "blur"):
         assert p[f"{name}_prob"] > 0, name
     resampling = ("affine", "elastic", "grid", "optical")
@@ -50,11 +51,12 @@ def test_cells2d_has_what_fluorescence_needs_without_doing_everything_at_once():
 
 
 def test_every_preset_has_the_same_parameters_and_overrides_win():
-    names = set(PRESETS["cells2d"])
-    assert all(set(p) == names for p in PRESETS.values())
+    names = set(AugmentationParams.model_fields)
+    assert all(set(preset_parameters(p)) == names for p in AUGMENTATION_PRESETS)
+    assert preset_parameters("cells2d") == AugmentationParams().model_dump()  # the defaults are cells2d's
     params = preset_parameters("cells2d")
     params["flip_prob"] = 0.0
-    assert PRESETS["cells2d"]["flip_prob"] == 0.5  # a copy
+    assert preset_parameters("cells2d")["flip_prob"] == 0.5  # a copy
     t = build_augmentation("cells2d", {"flip_prob": 0.0, "rot90_prob": 0.0}, spatial_dims=2)
     assert not any(type(x).__name__ in ("RandFlipd", "RandRot90d") for x in t.transforms)
     assert len(build_augmentation("none", spatial_dims=3).transforms) == 0
@@ -65,10 +67,12 @@ def test_every_preset_has_the_same_parameters_and_overrides_win():
     [
         ("cells3d", None, "transforms.augmentation.preset", "cells2d, lesions2d, lesions3d, none"),
         ("cells2d", {"flip_probability": 0.5}, "transforms.augmentation.params.flip_probability", "flip_prob"),
-        ("cells2d", {"flip_prob": 1.5}, "transforms.augmentation.params.flip_prob", "[0.0, 1.0]"),
+        ("cells2d", {"flip_prob": 1.5}, "transforms.augmentation.params.flip_prob", "less than or equal to 1"),
         ("cells2d", {"blur_sigma": [-1.0, 1.0]}, "transforms.augmentation.params.blur_sigma", "low"),
         ("cells2d", {"noise_std": -0.1}, "transforms.augmentation.params.noise_std", "got -0.1"),
         ("cells2d", {"flip_axes": [2]}, "transforms.augmentation.params.flip_axes", "0..1"),
+        ("cells2d", {"flip_axes": [1, 1]}, "transforms.augmentation.params.flip_axes", "distinct"),
+        ("cells2d", {"flip_prob": "0.5"}, "transforms.augmentation.params.flip_prob", "valid number"),
         ("cells2d", {"rot90_axes": [0]}, "transforms.augmentation.params.rot90_axes", "2 distinct"),
         ("cells2d", {"gamma_range": [1.5, 0.7]}, "transforms.augmentation.params.gamma_range", "low <= high"),
         ("cells2d", {"padding_mode": "wrap"}, "transforms.augmentation.params.padding_mode", "reflection"),
