@@ -40,3 +40,20 @@ class DataError(MedsegError, ValueError):
         self.path = str(path)
         self.message = message
         super().__init__(f"{self.path}: {message}")
+
+
+class InvalidArguments(ValueError):
+    """Arguments of a library object (e.g. a network) that it cannot take, all found at once.
+
+    A plain ``ValueError`` about the object's own arguments: it knows nothing of config files. The config
+    layer (:meth:`medseg.registry.Registry.build`) maps each argument to its key path.
+
+    Args:
+        owner: what rejected them (``"UNet"``).
+        problems: argument name -> what was expected and what was received.
+    """
+
+    def __init__(self, owner: str, problems: dict[str, str]):
+        self.owner = owner
+        self.problems = dict(problems)
+        super().__init__(f"{owner}: " + "; ".join(f"{name}: {message}" for name, message in self.problems.items()))

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, InvalidArguments
 
 
 class Registry:
@@ -49,30 +49,53 @@ class Registry:
                 key, f"unknown {self.kind} '{name}'; expected one of: {', '.join(self.names())}"
             ) from None
 
-    def build(self, name: str, params: Mapping[str, Any] | None = None, key: str = "name", **fixed: Any) -> Any:
+    def build(
+        self,
+        name: str,
+        params: Mapping[str, Any] | None = None,
+        key: str = "name",
+        fixed_keys: Mapping[str, str] | None = None,
+        **fixed: Any,
+    ) -> Any:
         """Build ``name`` with ``params`` (user config) and ``fixed`` (arguments the caller decides).
 
-        An unknown parameter raises :class:`ConfigError` at ``<key-parent>.params.<param>`` listing the
-        accepted ones, instead of a bare ``TypeError``.
+        Problems become one :class:`ConfigError` listing all of them: an unknown parameter at
+        ``<key-parent>.params.<param>`` with the accepted ones (never the ``fixed`` ones, which the user does
+        not set), a fixed argument set in ``params``, and every argument the builder rejects with
+        :class:`~medseg.errors.InvalidArguments`: its own parameters at ``<key-parent>.params.<name>``, a fixed
+        one at ``fixed_keys[name]`` (e.g. ``{"spatial_dims": "data.spatial_dims"}``) or its bare name.
         """
         builder = self.get(name, key)
         params = dict(params or {})
-        accepted = valid_parameters(builder)
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         prefix = f"{parent}.params" if parent else "params"
-        if accepted is not None:
-            for p in params:
-                if p not in accepted:
-                    raise ConfigError(
-                        f"{prefix}.{p}",
-                        f"unknown parameter for {self.kind} '{name}'; expected one of: {', '.join(sorted(accepted))}",
-                    )
+        problems = self._parameter_problems(name, builder, params, fixed, prefix)
+        accepted = valid_parameters(builder)
+        usable = {p: v for p, v in params.items() if p not in fixed and (accepted is None or p in accepted)}
+        built = None
         try:
-            return builder(**fixed, **params)
+            built = builder(**fixed, **usable)  # also with unknown parameters: its own problems count too
+        except InvalidArguments as err:
+            keys = {arg: f"{prefix}.{arg}" for arg in params} | dict(fixed_keys or {})
+            problems += [(keys.get(arg, arg), message) for arg, message in err.problems.items()]
         except (ValueError, TypeError) as err:
             if isinstance(err, ConfigError):
                 raise
-            raise ConfigError(prefix, f"{self.kind} '{name}' rejected its parameters: {err}") from err
+            problems.append((prefix, f"{self.kind} '{name}' rejected its parameters: {err}"))
+        if problems:
+            raise ConfigError(*problems[0], others=problems[1:])
+        return built
+
+    def _parameter_problems(self, name: str, builder: Callable[..., Any], params: Mapping[str, Any],
+                            fixed: Mapping[str, Any], prefix: str) -> list[tuple[str, str]]:
+        accepted = valid_parameters(builder)
+        problems = [(f"{prefix}.{p}", f"set by the pipeline itself (from the data); remove it from {prefix}")
+                    for p in params if p in fixed]
+        if accepted is not None:
+            settable = ", ".join(sorted(accepted - set(fixed)))
+            problems += [(f"{prefix}.{p}", f"unknown parameter for {self.kind} '{name}'; expected one of: {settable}")
+                         for p in params if p not in accepted and p not in fixed]
+        return problems
 
 
 def valid_parameters(builder: Callable[..., Any]) -> set[str] | None:

@@ -131,7 +131,8 @@ def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_config(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("config", help="validate a config and print it resolved (all defaults filled in)")
+    p = sub.add_parser("config", help="validate a config as train does (network parameters included) and print it "
+                                      "resolved (all defaults filled in)")
     p.add_argument("config", type=Path)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
@@ -146,9 +147,10 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_check(args.target, args.overrides, args.tolerance)
     if args.command == "config":
-        from medseg.config import dump_config, load_config
+        from medseg.config import dump_config
+        from pipelines.common import load_experiment
 
-        sys.stdout.write(dump_config(load_config(args.config, args.overrides)))
+        sys.stdout.write(dump_config(load_experiment(args.config, args.overrides)))
         return 0
     if args.command == "train":
         from pipelines.train import run_train_cli

@@ -9,10 +9,11 @@ from typing import Any
 
 import monai.transforms as T
 
-from medseg.config import ExperimentConfig
+from medseg.config import ExperimentConfig, read_config, validate_config
 from medseg.data.datalist import DatasetInfo, discover
 from medseg.data.readers import load_transforms
 from medseg.errors import ConfigError, DataError
+from medseg.nets import check_network
 from medseg.transforms.presets import (
     build_augmentation,
     build_mirror_pad,
@@ -21,6 +22,30 @@ from medseg.transforms.presets import (
 )
 
 LABEL_KEYS = ("label", "instance", "weight")
+
+
+def load_experiment(source: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Load a config the way every command does (``medseg config`` exactly as ``medseg train``).
+
+    The schema (:func:`medseg.config.validate_config`) and the network's own parameters
+    (:func:`medseg.nets.check_network`, built on the meta device) are checked together, so one
+    :class:`ConfigError` lists every problem. Dataset problems are ``medseg check``'s.
+    """
+    raw, where = read_config(source, overrides)
+    problems, cfg = [], None
+    try:
+        cfg = validate_config(raw, where)
+    except ConfigError as err:
+        problems += err.problems
+    model, dims = raw.get("model") or {}, (raw.get("data") or {}).get("spatial_dims", 2)
+    if isinstance(model, dict) and isinstance(model.get("params", {}), dict) and dims in (2, 3):
+        try:
+            check_network(str(model.get("name", "unet")), model.get("params"), dims)
+        except ConfigError as err:
+            problems += [p for p in err.problems if p not in problems]
+    if problems:
+        raise ConfigError(*problems[0], source=where, others=problems[1:])
+    return cfg
 
 
 def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInfo]:

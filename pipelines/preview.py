@@ -8,12 +8,17 @@ from pathlib import Path
 import monai.transforms as T
 import numpy as np
 
-from medseg.config import load_config
 from medseg.data.datalist import to_datalist
 from medseg.errors import ConfigError
 from medseg.transforms.presets import preview_samples
 from medseg.visualize import overlay_montage
-from pipelines.common import display_slice, preprocessing_transform, resolve_dataset, sampling_and_augmentation
+from pipelines.common import (
+    display_slice,
+    load_experiment,
+    preprocessing_transform,
+    resolve_dataset,
+    sampling_and_augmentation,
+)
 
 
 def _displayable(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -24,7 +29,7 @@ def _displayable(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.n
 def augment_preview(config: Path, out: Path, n: int = 8, seed: int = 0, overrides: list[str] | None = None) -> Path:
     if n < 1:
         raise ConfigError("--n", f"expected at least 1 sample, got {n}")
-    cfg, info = resolve_dataset(load_config(config, overrides or []))
+    cfg, info = resolve_dataset(load_experiment(config, overrides or []))
     sample = preprocessing_transform(cfg)(to_datalist(info.cases[:1])[0])
     random_part = T.Compose(sampling_and_augmentation(cfg))
     images, labels, titles = [], [], []

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from medseg.config import ExperimentConfig, config_to_dict, dump_config, load_config
+from medseg.config import ExperimentConfig, config_to_dict, dump_config
 from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch, split_cases
 from medseg.engine import distributed as dist
@@ -32,6 +32,7 @@ from medseg.nets import build_network
 from medseg.tracking import Tracker, environment_tags
 from pipelines.common import (
     dataset_fingerprint,
+    load_experiment,
     model_metadata,
     resolve_dataset,
     training_transform,
@@ -62,7 +63,7 @@ def run_train_cli(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
-    cfg = load_config(args.config, overrides)
+    cfg = load_experiment(args.config, overrides)
     result = train(cfg, output_dir=args.output, resume=args.resume)
     if result.interrupted:
         print(f"interrupted by {result.interrupted}; checkpoint saved. Continue with: --resume auto")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from medseg.nets.segnet import SegNet
@@ -25,22 +26,39 @@ NETWORKS.register("unetpp")(UNetPlusPlus)
 NETWORKS.register("segnet")(SegNet)
 
 
+# Arguments the training pipeline supplies from the config and the data, never from model.params.
+PIPELINE_ARGUMENTS = {"spatial_dims": "data.spatial_dims", "in_channels": "in_channels", "num_classes": "data.classes"}
+
+
 def build_network(
     name: str, params: dict[str, Any] | None, *, spatial_dims: int, in_channels: int, num_classes: int
 ) -> nn.Module:
     """Build the network registered as ``name`` (config ``model.name``) with ``params`` (``model.params``).
 
     Raises:
-        ConfigError: unknown name or parameter (listing the valid ones), or an invalid value.
+        ConfigError: every problem at once: unknown name or parameter (listing the valid ones), invalid
+            values, each at its key path (``model.params.<name>``).
     """
     return NETWORKS.build(
         name,
         params,
         key="model.name",
+        fixed_keys=PIPELINE_ARGUMENTS,
         spatial_dims=spatial_dims,
         in_channels=in_channels,
         num_classes=num_classes,
     )
 
 
-__all__ = ["NETWORKS", "SegNet", "UNet", "UNetPlusPlus", "build_network"]
+def check_network(name: str, params: dict[str, Any] | None, spatial_dims: int) -> None:
+    """Run every check :func:`build_network` runs, on the meta device: nothing is allocated, so a large 3D
+    network is checked in milliseconds before any data is read (``medseg config``, ``medseg train``).
+
+    Raises:
+        ConfigError: as :func:`build_network`.
+    """
+    with torch.device("meta"):
+        build_network(name, params, spatial_dims=spatial_dims, in_channels=1, num_classes=2)
+
+
+__all__ = ["NETWORKS", "PIPELINE_ARGUMENTS", "SegNet", "UNet", "UNetPlusPlus", "build_network", "check_network"]

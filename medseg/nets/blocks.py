@@ -10,7 +10,8 @@ Conventions shared by the networks:
 - A network whose encoder halves the size ``depth`` times pads its input at the high end of every axis
   (replicate padding) to a multiple of ``2**depth`` and crops the logits back (:func:`pad_to_multiple`,
   :func:`crop_to`), so any input size works and a logit at index ``i`` still belongs to voxel ``i``.
-- Invalid values raise :class:`~medseg.errors.ConfigError` at ``model.params.<name>``.
+- Invalid arguments raise one :class:`~medseg.errors.InvalidArguments` (a plain ``ValueError``) naming every
+  bad argument; the registry turns it into config key paths (``model.params.<name>``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medseg.errors import ConfigError
+from medseg.errors import InvalidArguments
 
 NORMS = ("batch", "instance", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu")
@@ -30,40 +31,44 @@ UPSAMPLES = ("transpose", "linear")
 
 
 # -- checks at the public boundary ---------------------------------------------------------------------
+# Each returns what is wrong with one argument (None if nothing); raise_for_arguments reports them all at once.
 
 
-def check_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return ``value`` if it is an integer >= ``minimum``, else raise a ConfigError naming the key."""
+def int_problem(value: object, minimum: int = 1) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"model.params.{name}", f"expected an integer >= {minimum}, got {value!r}")
-    return value
+        return f"expected an integer >= {minimum}, got {value!r}"
+    return None
 
 
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ConfigError(f"model.params.{name}", f"expected one of {', '.join(choices)}; got {value!r}")
-    return value  # type: ignore[return-value]
+def choice_problem(value: object, choices: Sequence[str]) -> str | None:
+    return None if value in choices else f"expected one of {', '.join(choices)}; got {value!r}"
 
 
-def check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"model.params.{name}", f"expected true or false, got {value!r}")
-    return value
+def bool_problem(value: object) -> str | None:
+    return None if isinstance(value, bool) else f"expected true or false, got {value!r}"
 
 
-def check_dropout(value: object) -> float:
+def dropout_problem(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
-        raise ConfigError("model.params.dropout", f"expected a number in [0, 1), got {value!r}")
-    return float(value)
+        return f"expected a number in [0, 1), got {value!r}"
+    return None
 
 
-def check_common(spatial_dims: int, in_channels: int, num_classes: int) -> None:
-    """Check the arguments every network receives from the caller (not from ``model.params``)."""
-    if spatial_dims not in (2, 3):
-        raise ConfigError("data.spatial_dims", f"expected 2 or 3, got {spatial_dims!r}")
-    for key, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(key, f"expected an integer >= 1, got {value!r}")
+def spatial_dims_problem(value: object) -> str | None:
+    return None if value in (2, 3) and not isinstance(value, bool) else f"expected 2 or 3, got {value!r}"
+
+
+def raise_for_arguments(owner: str, **problems: str | None) -> None:
+    """Raise :class:`~medseg.errors.InvalidArguments` naming every argument with a problem, if any."""
+    found = {name: problem for name, problem in problems.items() if problem is not None}
+    if found:
+        raise InvalidArguments(owner, found)
+
+
+def common_problems(spatial_dims: object, in_channels: object, num_classes: object) -> dict[str, str | None]:
+    """Problems of the arguments every network receives from the caller (not from ``model.params``)."""
+    return {"spatial_dims": spatial_dims_problem(spatial_dims), "in_channels": int_problem(in_channels),
+            "num_classes": int_problem(num_classes)}
 
 
 # -- layer factories -----------------------------------------------------------------------------------

@@ -16,14 +16,15 @@ from medseg.nets.blocks import (
     ACTIVATIONS,
     NORMS,
     ConvNormAct,
-    check_choice,
-    check_common,
-    check_dropout,
-    check_int,
+    choice_problem,
+    common_problems,
     conv_layer,
     crop_to,
+    dropout_problem,
+    int_problem,
     max_pool,
     pad_to_multiple,
+    raise_for_arguments,
 )
 
 
@@ -67,14 +68,17 @@ class SegNet(nn.Module):
         dropout: float = 0.0,
     ):
         super().__init__()
-        check_common(spatial_dims, in_channels, num_classes)
-        check_int("features", features)
-        self.depth = check_int("depth", depth)
-        kw = dict(
-            norm=check_choice("norm", norm, NORMS),
-            activation=check_choice("activation", activation, ACTIVATIONS),
-            dropout=check_dropout(dropout),
+        raise_for_arguments(
+            "SegNet",
+            **common_problems(spatial_dims, in_channels, num_classes),
+            features=int_problem(features),
+            depth=int_problem(depth),
+            norm=choice_problem(norm, NORMS),
+            activation=choice_problem(activation, ACTIVATIONS),
+            dropout=dropout_problem(dropout),
         )
+        self.depth = depth
+        kw = dict(norm=norm, activation=activation, dropout=float(dropout))
         ch = [features * min(2**i, 8) for i in range(depth)]
         n_convs = [2 if i < 2 else 3 for i in range(depth)]
 

@@ -20,15 +20,16 @@ from medseg.nets.blocks import (
     DoubleConv,
     Down,
     Up,
-    check_bool,
-    check_choice,
-    check_common,
-    check_dropout,
-    check_int,
+    bool_problem,
+    choice_problem,
     coarse_size,
+    common_problems,
     conv_layer,
     crop_to,
+    dropout_problem,
+    int_problem,
     pad_to_multiple,
+    raise_for_arguments,
 )
 
 
@@ -78,16 +79,20 @@ class UNet(nn.Module):
         deep_supervision: bool = False,
     ):
         super().__init__()
-        check_common(spatial_dims, in_channels, num_classes)
-        check_int("features", features)
-        self.depth = check_int("depth", depth)
-        kw = dict(
-            norm=check_choice("norm", norm, NORMS),
-            activation=check_choice("activation", activation, ACTIVATIONS),
-            dropout=check_dropout(dropout),
+        raise_for_arguments(
+            "UNet",
+            **common_problems(spatial_dims, in_channels, num_classes),
+            features=int_problem(features),
+            depth=int_problem(depth),
+            norm=choice_problem(norm, NORMS),
+            activation=choice_problem(activation, ACTIVATIONS),
+            dropout=dropout_problem(dropout),
+            upsample=choice_problem(upsample, UPSAMPLES),
+            deep_supervision=bool_problem(deep_supervision),
         )
-        check_choice("upsample", upsample, UPSAMPLES)
-        self.deep_supervision = check_bool("deep_supervision", deep_supervision)
+        self.depth = depth
+        kw = dict(norm=norm, activation=activation, dropout=float(dropout))
+        self.deep_supervision = deep_supervision
 
         ch = [features * 2**i for i in range(depth + 1)]
         self.stem = DoubleConv(spatial_dims, in_channels, ch[0], **kw)

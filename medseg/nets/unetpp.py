@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medseg.errors import ConfigError
 from medseg.nets.blocks import (
     ACTIVATIONS,
     NORMS,
@@ -23,14 +22,15 @@ from medseg.nets.blocks import (
     DoubleConv,
     Down,
     Up,
-    check_bool,
-    check_choice,
-    check_common,
-    check_dropout,
-    check_int,
+    bool_problem,
+    choice_problem,
+    common_problems,
     conv_layer,
     crop_to,
+    dropout_problem,
+    int_problem,
     pad_to_multiple,
+    raise_for_arguments,
 )
 
 
@@ -89,16 +89,21 @@ class UNetPlusPlus(nn.Module):
         prune_level: int | None = None,
     ):
         super().__init__()
-        check_common(spatial_dims, in_channels, num_classes)
-        check_int("features", features)
-        self.depth = check_int("depth", depth)
-        kw = dict(
-            norm=check_choice("norm", norm, NORMS),
-            activation=check_choice("activation", activation, ACTIVATIONS),
-            dropout=check_dropout(dropout),
+        raise_for_arguments(
+            "UNetPlusPlus",
+            **common_problems(spatial_dims, in_channels, num_classes),
+            features=int_problem(features),
+            depth=int_problem(depth),
+            norm=choice_problem(norm, NORMS),
+            activation=choice_problem(activation, ACTIVATIONS),
+            dropout=dropout_problem(dropout),
+            upsample=choice_problem(upsample, UPSAMPLES),
+            deep_supervision=bool_problem(deep_supervision),
+            prune_level=None if prune_level is None else int_problem(prune_level),
         )
-        check_choice("upsample", upsample, UPSAMPLES)
-        self.deep_supervision = check_bool("deep_supervision", deep_supervision)
+        self.depth = depth
+        kw = dict(norm=norm, activation=activation, dropout=float(dropout))
+        self.deep_supervision = deep_supervision
         self._prune_level = depth
 
         ch = [features * 2**i for i in range(depth + 1)]
@@ -133,14 +138,12 @@ class UNetPlusPlus(nn.Module):
 
     @prune_level.setter
     def prune_level(self, level: int) -> None:
-        check_int("prune_level", level)
-        if level > self.depth:
-            raise ConfigError("model.params.prune_level", f"expected 1..{self.depth} (depth), got {level}")
-        if str(level) not in self.heads:
-            raise ConfigError(
-                "model.params.prune_level",
-                f"level {level} has no trained head; pruning below depth {self.depth} needs deep_supervision",
-            )
+        problem = int_problem(level)
+        if problem is None and level > self.depth:
+            problem = f"expected 1..{self.depth} (depth), got {level}"
+        elif problem is None and str(level) not in self.heads:
+            problem = f"level {level} has no trained head; pruning below depth {self.depth} needs deep_supervision"
+        raise_for_arguments(type(self).__name__, prune_level=problem)
         self._prune_level = level
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:

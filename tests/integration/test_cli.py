@@ -87,3 +87,17 @@ def test_python_m_pipelines_is_the_cli_and_runs_once(tmp_path):
                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\nmodel:") == 1, res.stdout
+
+
+def test_config_runs_the_validation_train_runs_and_reports_every_problem(medseg):
+    bad = ["--set", "model.params.depth=0", "--set", "model.params.feature=8", "--set", "train.epochs=0"]
+    config = Path(__file__).resolve().parents[2] / "configs" / "demo_cells.yaml"
+    checked = medseg("config", config, *bad, check=False)
+    trained = medseg("train", config, "--no-tracking", *bad, check=False)
+    assert checked.returncode == trained.returncode == 2
+    lines = checked.stderr.strip().splitlines()
+    assert [line.replace("medseg config", "medseg train") for line in lines] == trained.stderr.strip().splitlines()
+    assert len(lines) == 3 and "Traceback" not in checked.stderr
+    for key in ("model.params.depth", "model.params.feature", "train.epochs"):
+        assert any(f": {key}: " in line for line in lines), key
+    assert not any(arg in checked.stderr for arg in ("spatial_dims", "in_channels", "num_classes"))

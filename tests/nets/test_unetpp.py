@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, InvalidArguments
 from medseg.nets import UNetPlusPlus
 from tests.nets.contract import IN_CHANNELS, NetworkContract
 
@@ -43,7 +43,8 @@ def test_training_ignores_pruning():
 def test_prune_level_is_checked():
     model = UNetPlusPlus(2, 1, 2, features=4, depth=2)
     for bad in (0, 3):
-        with pytest.raises(ConfigError, match="prune_level"):
+        with pytest.raises(InvalidArguments, match="prune_level") as err:
             model.prune_level = bad
-    with pytest.raises(ConfigError, match="deep_supervision"):
+        assert not isinstance(err.value, ConfigError)  # the network knows its arguments, not config keys
+    with pytest.raises(InvalidArguments, match="deep_supervision"):
         UNetPlusPlus(2, 1, 2, features=4, depth=2, deep_supervision=False, prune_level=1)
