@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from skimage.segmentation import watershed
+from skimage.segmentation import relabel_sequential, watershed
 
 __all__ = ["cell_instances", "probabilities_to_labels", "resample_to"]
 
@@ -98,12 +98,11 @@ def cell_instances(
 
 def _relabel_sequential(instances: np.ndarray, min_size: int) -> np.ndarray:
     """Drop ids smaller than ``min_size`` voxels and renumber the rest ``1..N``, keeping their order."""
-    sizes = np.bincount(instances.ravel())
-    sizes[0] = 0
-    ids = np.flatnonzero(sizes >= max(min_size, 1))
-    mapping = np.zeros(len(sizes), dtype=np.uint16 if len(ids) <= 65535 else np.uint32)
-    mapping[ids] = np.arange(1, len(ids) + 1)
-    return mapping[instances]
+    small = np.bincount(instances.ravel()) < max(min_size, 1)
+    small[0] = False
+    relabelled = relabel_sequential(np.where(small[instances], 0, instances))[0]
+    count = int(relabelled.max()) if relabelled.size else 0
+    return relabelled.astype(np.uint16 if count <= 65535 else np.uint32, copy=False)
 
 
 def _nearest_indices(size: int, target: int) -> np.ndarray:

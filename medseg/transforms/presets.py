@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from monai.transforms import (
     Compose,
     CopyItemsd,
@@ -30,6 +31,7 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
     SpatialPadd,
 )
 
@@ -184,8 +186,11 @@ def build_normalization(
         ConfigError: at ``<config_key>.<name>``.
     """
     settings = validate_section(NormalizeConfig, normalize, config_key)
+    if settings.mode == "percentile" and settings.nonzero:  # MONAI's percentile scaling has no nonzero option
+        return PercentileNormalized(image_key, settings.lower, settings.upper, settings.per_channel, nonzero=True)
     if settings.mode == "percentile":
-        return PercentileNormalized(image_key, settings.lower, settings.upper, settings.per_channel, settings.nonzero)
+        return ScaleIntensityRangePercentilesd(image_key, settings.lower, settings.upper, b_min=0.0, b_max=1.0,
+                                               clip=True, channel_wise=settings.per_channel, dtype=np.float32)
     if settings.mode == "zscore":
         return NormalizeIntensityd(image_key, nonzero=settings.nonzero, channel_wise=settings.per_channel)
     if settings.mode == "ct":
