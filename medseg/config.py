@@ -406,14 +406,15 @@ class ExperimentConfig(_Section):
         problems = self._dims_problems()
         classes = self.data.classes
         if classes is not None:
-            n = len(classes)
-            if self.loss.class_weights is not None and len(self.loss.class_weights) != n:
+            count = len(classes)
+            if self.loss.class_weights is not None and len(self.loss.class_weights) != count:
                 problems.append(("loss.class_weights",
-                                 f"expected {n} weights (one per class), got {len(self.loss.class_weights)}"))
+                                 f"expected {count} weights (one per class), got {len(self.loss.class_weights)}"))
             for key in ("cell_class", "border_class"):
-                cid = getattr(self.inference, key)
-                if cid is not None and cid >= n:
-                    problems.append((f"inference.{key}", f"class id {cid} out of range: classes are 0..{n - 1}"))
+                class_id = getattr(self.inference, key)
+                if class_id is not None and class_id >= count:
+                    problems.append((f"inference.{key}",
+                                     f"class id {class_id} out of range: classes are 0..{count - 1}"))
         if problems:
             raise _KeyedError(problems)
         return self

@@ -57,25 +57,25 @@ def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInf
     Raises:
         DataError: the dataset has fatal discovery problems (each named with its file) or no cases.
     """
-    info = discover(cfg.data.root)
-    errors = [p for p in info.problems if p.severity == "error"]
+    dataset = discover(cfg.data.root)
+    errors = [p for p in dataset.problems if p.severity == "error"]
     if errors:
         raise DataError(cfg.data.root, "dataset problems (run `medseg check`):\n" + "\n".join(map(str, errors)))
-    if not info.cases:
+    if not dataset.cases:
         raise DataError(cfg.data.root, "no training cases found (expected images/ + labels/ or a dataset.json)")
-    label_kind = cfg.data.label_kind or info.label_kind or "semantic"
+    label_kind = cfg.data.label_kind or dataset.label_kind or "semantic"
     classes = cfg.data.classes
     if classes is None:
-        names = sorted(info.labels, key=info.labels.get) if info.labels else ["background", "foreground"]
+        names = sorted(dataset.labels, key=dataset.labels.get) if dataset.labels else ["background", "foreground"]
         if label_kind == "instance":
-            fg = next((n for n in names if info.labels.get(n, 0) != 0), "cell")
+            fg = next((n for n in names if dataset.labels.get(n, 0) != 0), "cell")
             names = ["background", fg] + (["border"] if cfg.data.instance_to_semantic == "cell_border" else [])
         classes = {name: i for i, name in enumerate(names)}
     data = cfg.data.model_copy(update={"label_kind": label_kind, "classes": classes})
     cfg = cfg.model_copy(update={"data": data})
     if label_kind == "instance" and cfg.data.instance_to_semantic == "cell_border" and len(classes) != 3:
         raise ConfigError("data.classes", f"cell_border needs 3 classes (background, cell, border), got {classes}")
-    return cfg, info
+    return cfg, dataset
 
 
 def _preprocessing(cfg: ExperimentConfig) -> list:
@@ -168,10 +168,10 @@ def model_metadata(cfg: ExperimentConfig, in_channels: int) -> dict[str, Any]:
     }
 
 
-def dataset_fingerprint(info: DatasetInfo) -> str:
+def dataset_fingerprint(dataset: DatasetInfo) -> str:
     """A short hash of the case files' names, sizes and modification times (cheap, no reading)."""
     h = hashlib.sha1()
-    for case in info.cases:
+    for case in dataset.cases:
         for p in [*case.images, *( [case.label] if case.label else [])]:
             st = Path(p).stat()
             h.update(f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}".encode())

@@ -258,35 +258,35 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         raise ConfigError("--overlap", f"expected a value in [0, 1), got {args.overlap}")
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise ConfigError("--sw-batch-size", f"expected a positive integer, got {args.sw_batch_size}")
-    dinfo = dist.init_distributed(args.device)
-    if dinfo.device.type == "cpu":
+    dist_info = dist.init_distributed(args.device)
+    if dist_info.device.type == "cpu":
         torch.set_flush_denormal(True)  # see pipelines/train.py
     try:
         model, meta = load_trained_model(args.model, args.tracking_uri)
         scans, skipped = list_inputs(args.input)
-        if dinfo.is_main:
+        if dist_info.is_main:
             for path in skipped:
                 print(f"skipped (hidden or not an image): {path}")
         if not scans:
             raise DataError(", ".join(args.input), "no scans to predict")
-        if dinfo.is_main:
+        if dist_info.is_main:
             remove_stale_temporaries(args.output)
-        dist.barrier(dinfo)
-        mine = dist.shard(scans, dinfo)
+        dist.barrier(dist_info)
+        mine = dist.shard(scans, dist_info)
         records = predict_batch(
-            model, meta, mine, args.output, device=dinfo.device, tta=args.tta, overlap=args.overlap,
+            model, meta, mine, args.output, device=dist_info.device, tta=args.tta, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
-            skip_existing=args.skip_existing, show_progress=dinfo.is_main,
+            skip_existing=args.skip_existing, show_progress=dist_info.is_main,
         )
-        name = "manifest" if not dinfo.enabled else f"manifest_rank{dinfo.rank}"
-        write_manifest(records, args.output, skipped if dinfo.is_main else [], name)
+        name = "manifest" if not dist_info.enabled else f"manifest_rank{dist_info.rank}"
+        write_manifest(records, args.output, skipped if dist_info.is_main else [], name)
         failed = [r for r in records if r.status == "failed"]
         done = sum(r.status == "ok" for r in records)
         print(f"predicted {done}, skipped {sum(r.status == 'skipped' for r in records)}, failed {len(failed)}"
               f" -> {args.output}")
         for r in failed:
             print(f"FAILED {r.input}: {r.error}")
-        failed_any = dist.all_reduce_mean(float(bool(failed)), dinfo) > 0
+        failed_any = dist.all_reduce_mean(float(bool(failed)), dist_info) > 0
         return 1 if failed_any else 0
     finally:
         dist.cleanup_distributed()

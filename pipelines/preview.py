@@ -29,14 +29,14 @@ def _displayable(image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.n
 def augment_preview(config: Path, out: Path, n: int = 8, seed: int = 0, overrides: list[str] | None = None) -> Path:
     if n < 1:
         raise ConfigError("--n", f"expected at least 1 sample, got {n}")
-    cfg, info = resolve_dataset(load_experiment(config, overrides or []))
-    sample = preprocessing_transform(cfg)(to_datalist(info.cases[:1])[0])
+    cfg, dataset = resolve_dataset(load_experiment(config, overrides or []))
+    sample = preprocessing_transform(cfg)(to_datalist(dataset.cases[:1])[0])
     random_part = T.Compose(sampling_and_augmentation(cfg))
     images, labels, titles = [], [], []
     picture, label = _displayable(np.asarray(sample["image"]), np.asarray(sample["label"]))
     images.append(picture)
     labels.append(label)
-    titles.append(f"{info.cases[0].name} (preprocessed)")
+    titles.append(f"{dataset.cases[0].name} (preprocessed)")
     for i, aug in enumerate(preview_samples(sample, random_part, n, seed)):
         aug = aug[0] if isinstance(aug, list) else aug
         picture, label = _displayable(np.asarray(aug["image"]), np.asarray(aug["label"]))

@@ -279,7 +279,7 @@ def preview_samples(data: Mapping[str, Any], transform: Callable, n: int, seed: 
 
     The transform is copied first, so its own random state is left as it was.
     """
-    t = copy.deepcopy(transform)
-    if hasattr(t, "set_random_state"):
-        t.set_random_state(seed)
-    return [t(copy.deepcopy(dict(data))) for _ in range(n)]
+    private = copy.deepcopy(transform)
+    if hasattr(private, "set_random_state"):
+        private.set_random_state(seed)
+    return [private(copy.deepcopy(dict(data))) for _ in range(n)]
