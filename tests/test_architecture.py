@@ -141,3 +141,20 @@ def test_one_entry_module_runs_as_a_script():
     )
     assert scripts == []
     assert "pipelines.__main__" in MODULES
+
+
+LAYERS = ("medseg.nets", "medseg.transforms", "medseg.losses", "medseg.data", "medseg.metrics")
+
+
+def _layer(module: str) -> str | None:
+    return next((layer for layer in LAYERS if module == layer or module.startswith(f"{layer}.")), None)
+
+
+def test_building_blocks_do_not_import_each_other_or_draw():
+    """nets, transforms, losses, data and metrics are side by side; pictures are the pipelines' job."""
+    crossing = sorted(
+        f"{name} imports {target}" for name, targets in GRAPH.items() if _layer(name)
+        for target in targets
+        if (_layer(target) and _layer(target) != _layer(name)) or target == "medseg.visualize"
+    )
+    assert crossing == []
