@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from medseg.losses import DiceWeightedCELoss, LossOutput, _downsample_to, deep_supervision_weights
 from medseg.nets import UNet
-from medseg.nets.blocks import coarse_size, crop_to, max_pool, pad_to_multiple
+from medseg.nets.blocks import coarse_size, crop_to, max_pool, pad_to_multiple, total_stride
 
 
 def _labels(shape=(2, 16, 16), num_classes=3, seed=0):
@@ -184,42 +184,59 @@ def test_bad_config_raises(kwargs, match):
         DiceWeightedCELoss(**kwargs)
 
 
-def _blocks(cells: torch.Tensor, stride: int, size) -> torch.Tensor:
-    """``B *s`` cell values -> ``B *size`` voxels, each cell repeated over its ``stride``-block (cut at the end)."""
+def _blocks(cells: torch.Tensor, stride, size) -> torch.Tensor:
+    """``B *s`` cell values -> ``B *size`` voxels, each cell repeated over its ``stride``-block (cut at the end).
+
+    ``stride``: one for every axis or one per axis.
+    """
     out = cells
     for axis, n in enumerate(size):
-        out = out.repeat_interleave(stride, dim=1 + axis).narrow(1 + axis, 0, n)
+        f = stride if isinstance(stride, int) else stride[axis]
+        out = out.repeat_interleave(f, dim=1 + axis).narrow(1 + axis, 0, n)
     return out
 
 
-def _network_pooling(onehot: torch.Tensor, level: int, depth: int, size) -> torch.Tensor:
-    """Push ``B K *S`` maps through the networks' own geometry: pad, ``level`` stride-2 max-pools, crop."""
-    pooled = pad_to_multiple(onehot, 2**depth)
-    for _ in range(level):
-        pooled = max_pool(len(size))(pooled)
-    return crop_to(pooled, coarse_size(size, level))
+def _network_pooling(onehot: torch.Tensor, level: int, depth: int, size, strides=None) -> torch.Tensor:
+    """Push ``B K *S`` maps through the networks' own geometry: pad, ``level`` max-pools, crop."""
+    strides = strides or [[2] * len(size)] * depth
+    pooled = pad_to_multiple(onehot, total_stride(strides, depth))
+    for step in strides[:level]:
+        pooled = max_pool(len(size), stride=step)(pooled)
+    return crop_to(pooled, coarse_size(size, level, strides))
 
 
-@pytest.mark.parametrize("spatial, depth", [((17, 13), 3), ((11, 9, 7), 3), ((5, 19), 2)])
-def test_coarse_heads_are_trained_on_the_networks_feature_grid(spatial, depth):
+@pytest.mark.parametrize(
+    "spatial, depth, strides",
+    [
+        ((17, 13), 3, None),
+        ((11, 9, 7), 3, None),
+        ((5, 19), 2, None),
+        # anisotropic: the slice axis is pooled at the last step only, so heads 1 and 2 keep all 7 slices
+        ((11, 9, 7), 3, [[2, 2, 1], [2, 2, 1], [2, 2, 2]]),
+        ((13, 6), 3, [[2, 1], [2, 2], [1, 2]]),
+    ],
+)
+def test_coarse_heads_are_trained_on_the_networks_feature_grid(spatial, depth, strides):
     # Sizes that are not multiples of 2**level: nearest resampling from 17 to 9 rows takes rows 0, 1, 3,
     # 5, ..., so from row 1 on a cell's target came from its neighbour's block.
     torch.manual_seed(0)
-    heads = UNet(len(spatial), 1, 3, features=2, depth=depth, deep_supervision=True).train()(
+    heads = UNet(len(spatial), 1, 3, features=2, depth=depth, strides=strides, deep_supervision=True).train()(
         torch.randn(2, 1, *spatial)
     )
+    strides = strides or [[2] * len(spatial)] * depth
     loss = DiceWeightedCELoss(num_classes=3)
     for level in range(1, depth):
-        assert tuple(heads[level].shape[2:]) == tuple(coarse_size(spatial, level))  # the grid under test
-        cells = _labels((2, *coarse_size(spatial, level)))
-        labels = _blocks(cells, 2**level, spatial)
+        cell = total_stride(strides, level)
+        assert tuple(heads[level].shape[2:]) == tuple(coarse_size(spatial, level, strides))  # the grid under test
+        cells = _labels((2, *coarse_size(spatial, level, strides)))
+        labels = _blocks(cells, cell, spatial)
         onehot = F.one_hot(labels, 3).movedim(-1, 1).float()
-        assert torch.equal(_network_pooling(onehot, level, depth, spatial).argmax(1), cells)
-        weight = _blocks(torch.rand(cells.shape) + 0.5, 2**level, spatial)
+        assert torch.equal(_network_pooling(onehot, level, depth, spatial, strides).argmax(1), cells)
+        weight = _blocks(torch.rand(cells.shape) + 0.5, cell, spatial)
         out = loss([_logits_for(labels, 3), _logits_for(cells, 3)], labels, weight)
         assert out.total.item() < 1e-4, f"level {level}: a head perfect on its grid costs {out.parts}"
-        _, pooled = _downsample_to([2**level] * len(spatial), labels, weight, 3)
-        torch.testing.assert_close(pooled, _network_pooling(weight[:, None], level, depth, spatial)[:, 0])
+        _, pooled = _downsample_to(cell, labels, weight, 3)
+        torch.testing.assert_close(pooled, _network_pooling(weight[:, None], level, depth, spatial, strides)[:, 0])
 
 
 @pytest.mark.parametrize("spatial", [(17, 13), (9, 7, 5)])

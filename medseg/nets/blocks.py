@@ -7,9 +7,14 @@ Conventions shared by the networks:
 
 - Every convolution has a bias, also before a norm layer: it is redundant there but costs a few
   parameters and keeps the published parameter counts (UNet 31,030,658; SegNet 29.45M) reproducible.
-- A network whose encoder halves the size ``depth`` times pads its input at the high end of every axis
-  (replicate padding) to a multiple of ``2**depth`` and crops the logits back (:func:`pad_to_multiple`,
-  :func:`crop_to`), so any input size works and a logit at index ``i`` still belongs to voxel ``i``.
+- Pooling and kernels may differ per axis (anisotropic data, e.g. 0.8 x 0.8 x 4 mm): ``strides`` lists, per
+  pooling step, a stride of 1 or 2 per axis (default 2 everywhere), ``kernel_sizes`` per resolution level an
+  odd kernel size per axis (default 3); an int means the same on every axis (:func:`resolve_strides`,
+  :func:`resolve_kernel_sizes`).
+- A network whose encoder pools ``depth`` times pads its input at the high end of every axis (replicate
+  padding) to a multiple of the product of that axis' strides (``2**depth`` by default) and crops the logits
+  back (:func:`pad_to_multiple`, :func:`crop_to`), so any input size works and a logit at index ``i`` still
+  belongs to voxel ``i``.
 - Invalid arguments raise one :class:`~medseg.errors.InvalidArguments` (a plain ``ValueError``) naming every
   bad argument; the registry turns it into config key paths (``model.params.<name>``).
 """
@@ -65,6 +70,63 @@ def raise_for_arguments(owner: str, **problems: str | None) -> None:
         raise InvalidArguments(owner, found)
 
 
+def _per_axis(value: object, spatial_dims: int) -> tuple[int, ...] | None:
+    """An int (same on every axis) or a list of ``spatial_dims`` ints as a tuple; None if neither."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * spatial_dims
+    if (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == spatial_dims
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
+    return None
+
+
+def _levels_problem(value: object, levels: object, spatial_dims: object, what: str, ok, expected: str) -> str | None:
+    if value is None or int_problem(levels, 1) or spatial_dims_problem(spatial_dims):
+        return None  # the default, or nothing to check against (those problems are reported themselves)
+    if isinstance(value, str) or not isinstance(value, Sequence) or len(value) != levels:
+        return f"expected a list of {levels} {what} (one per level), each {expected}; got {value!r}"
+    for i, entry in enumerate(value):
+        axes = _per_axis(entry, spatial_dims)  # type: ignore[arg-type]
+        if axes is None or not all(ok(a) for a in axes):
+            return f"entry {i}: expected {expected} ({spatial_dims} axes); got {entry!r}"
+    return None
+
+
+def strides_problem(value: object, depth: object, spatial_dims: object) -> str | None:
+    """``strides``: None or ``depth`` entries, each 1/2 or a list of 1/2 per axis, halving at least one axis."""
+    problem = _levels_problem(value, depth, spatial_dims, "strides", lambda a: a in (1, 2), "1 or 2 or a list of those")
+    if problem is None and value is not None:
+        for i, entry in enumerate(value):  # type: ignore[union-attr]
+            if max(_per_axis(entry, spatial_dims)) == 1:  # type: ignore[arg-type]
+                return f"entry {i}: {entry!r} pools no axis; every step must halve at least one axis"
+    return problem
+
+
+def kernel_sizes_problem(value: object, levels: object, spatial_dims: object) -> str | None:
+    """``kernel_sizes``: None or ``levels`` entries, each an odd int >= 1 or a list of those per axis."""
+    return _levels_problem(value, levels, spatial_dims, "kernel sizes", lambda a: a >= 1 and a % 2 == 1,
+                           "an odd integer >= 1 or a list of those")
+
+
+def resolve_strides(strides: Sequence | None, depth: int, spatial_dims: int) -> list[tuple[int, ...]]:
+    """Per pooling step, the stride of every axis (checked by :func:`strides_problem`)."""
+    if strides is None:
+        return [(2,) * spatial_dims] * depth
+    return [_per_axis(s, spatial_dims) for s in strides]  # type: ignore[misc]
+
+
+def resolve_kernel_sizes(kernel_sizes: Sequence | None, levels: int, spatial_dims: int) -> list[tuple[int, ...]]:
+    """Per resolution level, the kernel size of every axis (checked by :func:`kernel_sizes_problem`)."""
+    if kernel_sizes is None:
+        return [(3,) * spatial_dims] * levels
+    return [_per_axis(k, spatial_dims) for k in kernel_sizes]  # type: ignore[misc]
+
+
+def total_stride(strides: Sequence[Sequence[int]], levels: int) -> tuple[int, ...]:
+    """Per axis, the product of the first ``levels`` strides: the size of one cell at ``levels``."""
+    return tuple(math.prod(axis) for axis in zip(*strides[:levels])) if levels else (1,) * len(strides[0])
+
+
 def common_problems(spatial_dims: object, in_channels: object, num_classes: object) -> dict[str, str | None]:
     """Problems of the arguments every network receives from the caller (not from ``model.params``)."""
     return {"spatial_dims": spatial_dims_problem(spatial_dims), "in_channels": int_problem(in_channels),
@@ -74,10 +136,13 @@ def common_problems(spatial_dims: object, in_channels: object, num_classes: obje
 # -- layer factories -----------------------------------------------------------------------------------
 
 
-def conv_layer(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int = 3) -> nn.Module:
-    """Same-size convolution (odd ``kernel_size``, stride 1) with bias."""
+def conv_layer(spatial_dims: int, in_ch: int, out_ch: int, kernel_size: int | Sequence[int] = 3) -> nn.Module:
+    """Same-size convolution (odd ``kernel_size``, an int or one per axis, stride 1) with bias."""
     conv = nn.Conv2d if spatial_dims == 2 else nn.Conv3d
-    return conv(in_ch, out_ch, kernel_size, padding=kernel_size // 2)
+    kernel = _per_axis(kernel_size, spatial_dims) or tuple(kernel_size)  # type: ignore[arg-type]
+    if len(set(kernel)) == 1:  # an int keeps the module's repr (and its export) as before
+        return conv(in_ch, out_ch, kernel[0], padding=kernel[0] // 2)
+    return conv(in_ch, out_ch, kernel, padding=tuple(k // 2 for k in kernel))
 
 
 def norm_layer(norm: str, spatial_dims: int, channels: int) -> nn.Module:
@@ -99,9 +164,11 @@ def act_layer(activation: str) -> nn.Module:
     return nn.GELU()
 
 
-def max_pool(spatial_dims: int, return_indices: bool = False) -> nn.Module:
+def max_pool(spatial_dims: int, return_indices: bool = False, stride: int | Sequence[int] = 2) -> nn.Module:
+    """Max-pool with window = ``stride`` (an int or one per axis; 1 leaves that axis alone)."""
     pool = nn.MaxPool2d if spatial_dims == 2 else nn.MaxPool3d
-    return pool(2, stride=2, return_indices=return_indices)
+    stride = stride if isinstance(stride, int) else tuple(stride)
+    return pool(stride, stride=stride, return_indices=return_indices)
 
 
 # -- blocks --------------------------------------------------------------------------------------------
@@ -122,7 +189,7 @@ class ConvNormAct(nn.Sequential):
         norm: str = "instance",
         activation: str = "leaky_relu",
         dropout: float = 0.0,
-        kernel_size: int = 3,
+        kernel_size: int | Sequence[int] = 3,
     ):
         layers = [
             conv_layer(spatial_dims, in_ch, out_ch, kernel_size),
@@ -144,27 +211,31 @@ class DoubleConv(nn.Sequential):
 
 
 class Down(nn.Sequential):
-    """2x max-pool then :class:`DoubleConv`: ``B in_ch *S`` -> ``B out_ch *S/2``."""
+    """Max-pool by ``stride`` (2 or per axis) then :class:`DoubleConv`: ``B in_ch *S`` -> ``B out_ch *S/stride``."""
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, **kw):
-        super().__init__(max_pool(spatial_dims), DoubleConv(spatial_dims, in_ch, out_ch, **kw))
+    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, stride: int | Sequence[int] = 2, **kw):
+        super().__init__(max_pool(spatial_dims, stride=stride), DoubleConv(spatial_dims, in_ch, out_ch, **kw))
 
 
 class Upsample(nn.Sequential):
-    """Double the size and map ``in_ch`` to ``out_ch`` channels.
+    """Multiply the size by ``stride`` (2 or per axis) and map ``in_ch`` to ``out_ch`` channels.
 
-    ``"transpose"``: a 2x2(x2) transposed conv with stride 2 (the UNet paper's up-convolution).
+    ``"transpose"``: a transposed conv with kernel = stride (the UNet paper's 2x2 up-convolution).
     ``"linear"``: bi/trilinear interpolation then a 1x1 conv (no checkerboard artefacts, fewer parameters).
     """
 
-    def __init__(self, spatial_dims: int, in_ch: int, out_ch: int, mode: str = "transpose"):
+    def __init__(
+        self, spatial_dims: int, in_ch: int, out_ch: int, mode: str = "transpose", stride: int | Sequence[int] = 2
+    ):
+        stride = stride if isinstance(stride, int) else tuple(stride)
         if mode == "transpose":
             tconv = nn.ConvTranspose2d if spatial_dims == 2 else nn.ConvTranspose3d
-            super().__init__(tconv(in_ch, out_ch, kernel_size=2, stride=2))
+            super().__init__(tconv(in_ch, out_ch, kernel_size=stride, stride=stride))
         else:
             interp = "bilinear" if spatial_dims == 2 else "trilinear"
+            scale = stride if isinstance(stride, int) else tuple(float(f) for f in stride)
             super().__init__(
-                nn.Upsample(scale_factor=2, mode=interp, align_corners=False),
+                nn.Upsample(scale_factor=scale, mode=interp, align_corners=False),
                 conv_layer(spatial_dims, in_ch, out_ch, kernel_size=1),
             )
 
@@ -179,11 +250,22 @@ class Up(nn.Module):
         out_ch: channels out; the upsampled map also gets ``out_ch`` channels, as in the UNet paper
             (1024 -> up-conv -> 512, concat 512 -> 1024 -> 512).
         upsample: ``"transpose"`` or ``"linear"``, see :class:`Upsample`.
+        stride: the stride of the pooling this level undoes (2 or one per axis).
+        kw: :class:`ConvNormAct` options (``norm``, ``activation``, ``dropout``, ``kernel_size``).
     """
 
-    def __init__(self, spatial_dims: int, in_ch: int, skip_ch: int, out_ch: int, upsample: str = "transpose", **kw):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_ch: int,
+        skip_ch: int,
+        out_ch: int,
+        upsample: str = "transpose",
+        stride: int | Sequence[int] = 2,
+        **kw,
+    ):
         super().__init__()
-        self.up = Upsample(spatial_dims, in_ch, out_ch, upsample)
+        self.up = Upsample(spatial_dims, in_ch, out_ch, upsample, stride)
         self.conv = DoubleConv(spatial_dims, skip_ch + out_ch, out_ch, **kw)
 
     def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
@@ -203,11 +285,15 @@ def padded_size(size: int, multiple: int) -> int:
     return max(math.ceil(size / multiple), 2) * multiple
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the spatial axes of ``x`` (``B C *S``) at their high end to :func:`padded_size`."""
+def pad_to_multiple(x: torch.Tensor, multiple: int | Sequence[int]) -> torch.Tensor:
+    """Replicate-pad the spatial axes of ``x`` (``B C *S``) at their high end to :func:`padded_size`.
+
+    ``multiple``: one for every axis, or one per axis (the product of that axis' strides).
+    """
+    multiples = [multiple] * (x.ndim - 2) if isinstance(multiple, int) else list(multiple)
     pad: list[int] = []
-    for s in reversed(x.shape[2:]):  # F.pad lists the last axis first
-        pad += [0, padded_size(s, multiple) - s]
+    for s, m in zip(reversed(x.shape[2:]), reversed(multiples)):  # F.pad lists the last axis first
+        pad += [0, padded_size(s, m) - s]
     if not any(pad):
         return x
     return F.pad(x, pad, mode="replicate")
@@ -221,6 +307,10 @@ def crop_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return x
 
 
-def coarse_size(size: Sequence[int], level: int) -> list[int]:
-    """Size at ``level`` (halved ``level`` times) of the part of a padded map that covers the input."""
-    return [math.ceil(s / 2**level) for s in size]
+def coarse_size(size: Sequence[int], level: int, strides: Sequence[Sequence[int]] | None = None) -> list[int]:
+    """Size at ``level`` of the part of a padded map that covers the input.
+
+    ``strides``: per pooling step the stride of every axis (default: 2 on every axis, halved ``level`` times).
+    """
+    cell = (2**level,) * len(size) if strides is None else total_stride(strides, level)
+    return [math.ceil(s / f) for s, f in zip(size, cell)]

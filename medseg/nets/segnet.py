@@ -22,9 +22,14 @@ from medseg.nets.blocks import (
     crop_to,
     dropout_problem,
     int_problem,
+    kernel_sizes_problem,
     max_pool,
     pad_to_multiple,
     raise_for_arguments,
+    resolve_kernel_sizes,
+    resolve_strides,
+    strides_problem,
+    total_stride,
 )
 
 
@@ -32,15 +37,20 @@ class SegNet(nn.Module):
     """SegNet encoder-decoder with max-pooling indices.
 
     Stage ``i`` (0-based) has ``features * min(2**i, 8)`` channels and 2 convolutions for ``i < 2``, else 3,
-    so ``features=64, depth=5`` is VGG16's convolutional part. Any input size works: the input is padded to
-    a multiple of ``2**depth`` and the logits cropped back (see :mod:`medseg.nets.blocks`).
+    so ``features=64, depth=5`` is VGG16's convolutional part. Any input size works: the input is padded per
+    axis to a multiple of the product of its strides (``2**depth`` by default) and the logits cropped back
+    (see :mod:`medseg.nets.blocks`).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the image.
         num_classes: logits channels (background included).
         features: channels of the first stage (VGG16: 64).
-        depth: number of stages, i.e. of 2x poolings (VGG16: 5).
+        depth: number of stages, i.e. of poolings (VGG16: 5).
+        strides: per stage, the pooling stride of every axis, 1 or 2 (an int: the same on every axis);
+            default 2 everywhere. The decoder unpools with the same strides.
+        kernel_sizes: per stage, the odd convolution kernel size of every axis (encoder and decoder);
+            default 3.
         norm: ``"batch"`` (the paper), ``"instance"`` or ``"none"``.
         activation: ``"relu"`` (the paper), ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
         dropout: channel-dropout rate after every hidden convolution, in [0, 1) (Bayesian SegNet uses 0.5).
@@ -63,6 +73,8 @@ class SegNet(nn.Module):
         num_classes: int,
         features: int = 64,
         depth: int = 5,
+        strides: list | None = None,
+        kernel_sizes: list | None = None,
         norm: str = "batch",
         activation: str = "relu",
         dropout: float = 0.0,
@@ -73,39 +85,47 @@ class SegNet(nn.Module):
             **common_problems(spatial_dims, in_channels, num_classes),
             features=int_problem(features),
             depth=int_problem(depth),
+            strides=strides_problem(strides, depth, spatial_dims),
+            kernel_sizes=kernel_sizes_problem(kernel_sizes, depth, spatial_dims),
             norm=choice_problem(norm, NORMS),
             activation=choice_problem(activation, ACTIVATIONS),
             dropout=dropout_problem(dropout),
         )
         self.depth = depth
+        self.strides = resolve_strides(strides, depth, spatial_dims)
+        kernels = resolve_kernel_sizes(kernel_sizes, depth, spatial_dims)
         kw = dict(norm=norm, activation=activation, dropout=float(dropout))
         ch = [features * min(2**i, 8) for i in range(depth)]
         n_convs = [2 if i < 2 else 3 for i in range(depth)]
 
-        def convs(widths: list[int]) -> list[nn.Module]:
-            return [ConvNormAct(spatial_dims, a, b, **kw) for a, b in zip(widths, widths[1:])]
+        def convs(widths: list[int], level: int) -> list[nn.Module]:
+            pairs = zip(widths, widths[1:])
+            return [ConvNormAct(spatial_dims, a, b, kernel_size=kernels[level], **kw) for a, b in pairs]
 
         encoder = [
-            nn.Sequential(*convs([in_channels if i == 0 else ch[i - 1]] + [ch[i]] * n_convs[i])) for i in range(depth)
+            nn.Sequential(*convs([in_channels if i == 0 else ch[i - 1]] + [ch[i]] * n_convs[i], i))
+            for i in range(depth)
         ]
         # mirrored, coarsest stage first; a stage's last conv narrows to the next stage's width, and the
         # very last one gives the logits
-        decoder = [nn.Sequential(*convs([ch[i]] * n_convs[i] + [ch[i - 1]])) for i in reversed(range(1, depth))]
-        decoder.append(nn.Sequential(*convs([ch[0]] * n_convs[0]), conv_layer(spatial_dims, ch[0], num_classes)))
+        decoder = [nn.Sequential(*convs([ch[i]] * n_convs[i] + [ch[i - 1]], i)) for i in reversed(range(1, depth))]
+        logits = conv_layer(spatial_dims, ch[0], num_classes, kernel_size=kernels[0])
+        decoder.append(nn.Sequential(*convs([ch[0]] * n_convs[0], 0), logits))
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList(decoder)
-        self.pool = max_pool(spatial_dims, return_indices=True)
-        self.unpool = (nn.MaxUnpool2d if spatial_dims == 2 else nn.MaxUnpool3d)(2, stride=2)
+        unpool = nn.MaxUnpool2d if spatial_dims == 2 else nn.MaxUnpool3d
+        self.pools = nn.ModuleList(max_pool(spatial_dims, return_indices=True, stride=s) for s in self.strides)
+        self.unpools = nn.ModuleList(unpool(s, stride=s) for s in self.strides)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = list(x.shape[2:])
-        x = pad_to_multiple(x, 2**self.depth)
+        x = pad_to_multiple(x, total_stride(self.strides, self.depth))
 
         indices = []
-        for stage in self.encoder:
-            x, idx = self.pool(stage(x))
+        for stage, pool in zip(self.encoder, self.pools):
+            x, idx = pool(stage(x))
             indices.append(idx)
-        for stage in self.decoder:
-            x = stage(self.unpool(x, indices.pop()))
+        for stage, unpool in zip(self.decoder, reversed(self.unpools)):
+            x = stage(unpool(x, indices.pop()))
 
         return crop_to(x, size)

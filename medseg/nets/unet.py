@@ -28,23 +28,32 @@ from medseg.nets.blocks import (
     crop_to,
     dropout_problem,
     int_problem,
+    kernel_sizes_problem,
     pad_to_multiple,
     raise_for_arguments,
+    resolve_kernel_sizes,
+    resolve_strides,
+    strides_problem,
+    total_stride,
 )
 
 
 class UNet(nn.Module):
     """UNet with configurable depth, width, norm, activation, dropout, upsampling and deep supervision.
 
-    Any input size works: the input is padded to a multiple of ``2**depth`` and the logits cropped back
-    (see :mod:`medseg.nets.blocks`).
+    Any input size works: the input is padded per axis to a multiple of the product of its strides
+    (``2**depth`` by default) and the logits cropped back (see :mod:`medseg.nets.blocks`).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the image.
         num_classes: logits channels (background included).
         features: features of the first level; level ``i`` has ``features * 2**i``.
-        depth: number of 2x downsamplings (the paper: 4).
+        depth: number of downsamplings (the paper: 4).
+        strides: per downsampling, the pooling stride of every axis, 1 or 2 (an int: the same on every axis),
+            e.g. ``[[2, 2, 1], [2, 2, 1], [2, 2, 2]]`` for 4 mm slices of 0.8 mm pixels; default 2 everywhere.
+        kernel_sizes: per level 0..depth, the odd convolution kernel size of every axis (an int: the same on
+            every axis), e.g. ``[[3, 3, 1], [3, 3, 3], ...]``; default 3 everywhere.
         norm: ``"batch"``, ``"instance"`` or ``"none"``.
         activation: ``"relu"``, ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
         dropout: channel-dropout rate after every convolution, in [0, 1).
@@ -54,7 +63,8 @@ class UNet(nn.Module):
     Returns from ``forward(x)`` with ``x`` of shape ``B in_channels *S``:
         eval mode, or no deep supervision: logits ``B num_classes *S``.
         training mode with deep supervision: ``[logits, head_1, ..., head_{depth-1}]`` where ``head_k``
-        is ``B num_classes *ceil(S / 2**k)`` (coarser decoder levels, not upsampled).
+        is ``B num_classes *ceil(S / stride_k)`` with ``stride_k`` the product of the first ``k`` strides
+        of each axis (coarser decoder levels, not upsampled).
 
     Attributes:
         head_names: what each training-mode output reads, in order: ``level_0`` (full resolution) then
@@ -72,6 +82,8 @@ class UNet(nn.Module):
         num_classes: int,
         features: int = 32,
         depth: int = 4,
+        strides: list | None = None,
+        kernel_sizes: list | None = None,
         norm: str = "instance",
         activation: str = "leaky_relu",
         dropout: float = 0.0,
@@ -84,6 +96,9 @@ class UNet(nn.Module):
             **common_problems(spatial_dims, in_channels, num_classes),
             features=int_problem(features),
             depth=int_problem(depth),
+            strides=strides_problem(strides, depth, spatial_dims),
+            kernel_sizes=kernel_sizes_problem(kernel_sizes, depth + 1 if isinstance(depth, int) else None,
+                                              spatial_dims),
             norm=choice_problem(norm, NORMS),
             activation=choice_problem(activation, ACTIVATIONS),
             dropout=dropout_problem(dropout),
@@ -91,15 +106,21 @@ class UNet(nn.Module):
             deep_supervision=bool_problem(deep_supervision),
         )
         self.depth = depth
+        self.strides = resolve_strides(strides, depth, spatial_dims)
+        kernels = resolve_kernel_sizes(kernel_sizes, depth + 1, spatial_dims)
         kw = dict(norm=norm, activation=activation, dropout=float(dropout))
         self.deep_supervision = deep_supervision
 
         ch = [features * 2**i for i in range(depth + 1)]
-        self.stem = DoubleConv(spatial_dims, in_channels, ch[0], **kw)
-        self.downs = nn.ModuleList(Down(spatial_dims, ch[i], ch[i + 1], **kw) for i in range(depth))
+        self.stem = DoubleConv(spatial_dims, in_channels, ch[0], kernel_size=kernels[0], **kw)
+        self.downs = nn.ModuleList(
+            Down(spatial_dims, ch[i], ch[i + 1], self.strides[i], kernel_size=kernels[i + 1], **kw)
+            for i in range(depth)
+        )
         # ups[0] goes from the bottleneck (level depth) to level depth-1, ups[-1] ends at full resolution
         self.ups = nn.ModuleList(
-            Up(spatial_dims, ch[i + 1], ch[i], ch[i], upsample, **kw) for i in reversed(range(depth))
+            Up(spatial_dims, ch[i + 1], ch[i], ch[i], upsample, self.strides[i], kernel_size=kernels[i], **kw)
+            for i in reversed(range(depth))
         )
         self.head = conv_layer(spatial_dims, ch[0], num_classes, kernel_size=1)
         # aux_heads[k-1] reads decoder level k (1 <= k < depth)
@@ -114,7 +135,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = list(x.shape[2:])
-        x = pad_to_multiple(x, 2**self.depth)
+        x = pad_to_multiple(x, total_stride(self.strides, self.depth))
 
         x = self.stem(x)
         skips = []
@@ -127,7 +148,7 @@ class UNet(nn.Module):
         for level, up in zip(reversed(range(self.depth)), self.ups):
             x = up(x, [skips.pop()])
             if with_heads and level > 0:
-                aux.append(crop_to(self.aux_heads[level - 1](x), coarse_size(size, level)))
+                aux.append(crop_to(self.aux_heads[level - 1](x), coarse_size(size, level, self.strides)))
 
         logits = crop_to(self.head(x), size)
         return [logits, *reversed(aux)] if with_heads else logits

@@ -29,23 +29,31 @@ from medseg.nets.blocks import (
     crop_to,
     dropout_problem,
     int_problem,
+    kernel_sizes_problem,
     pad_to_multiple,
     raise_for_arguments,
+    resolve_kernel_sizes,
+    resolve_strides,
+    strides_problem,
+    total_stride,
 )
 
 
 class UNetPlusPlus(nn.Module):
     """UNet++ with nested dense skip pathways, deep supervision and pruned inference.
 
-    Any input size works: the input is padded to a multiple of ``2**L`` (``L`` the levels that run) and
-    the logits cropped back (see :mod:`medseg.nets.blocks`).
+    Any input size works: the input is padded per axis to a multiple of the product of the strides of the
+    ``L`` levels that run (``2**L`` by default) and the logits cropped back (see :mod:`medseg.nets.blocks`).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the image.
         num_classes: logits channels (background included).
         features: features of row 0; row ``i`` has ``features * 2**i`` (the paper: 32).
-        depth: number of 2x downsamplings, the rows below the top one (the paper: 4).
+        depth: number of downsamplings, the rows below the top one (the paper: 4).
+        strides: per downsampling (row ``i`` -> ``i+1``), the pooling stride of every axis, 1 or 2 (an int:
+            the same on every axis); default 2 everywhere. See :class:`~medseg.nets.unet.UNet`.
+        kernel_sizes: per row 0..depth, the odd convolution kernel size of every axis; default 3.
         norm: ``"batch"``, ``"instance"`` or ``"none"``.
         activation: ``"relu"``, ``"leaky_relu"``, ``"elu"`` or ``"gelu"``.
         dropout: channel-dropout rate after every convolution, in [0, 1).
@@ -81,6 +89,8 @@ class UNetPlusPlus(nn.Module):
         num_classes: int,
         features: int = 32,
         depth: int = 4,
+        strides: list | None = None,
+        kernel_sizes: list | None = None,
         norm: str = "instance",
         activation: str = "leaky_relu",
         dropout: float = 0.0,
@@ -94,6 +104,9 @@ class UNetPlusPlus(nn.Module):
             **common_problems(spatial_dims, in_channels, num_classes),
             features=int_problem(features),
             depth=int_problem(depth),
+            strides=strides_problem(strides, depth, spatial_dims),
+            kernel_sizes=kernel_sizes_problem(kernel_sizes, depth + 1 if isinstance(depth, int) else None,
+                                              spatial_dims),
             norm=choice_problem(norm, NORMS),
             activation=choice_problem(activation, ACTIVATIONS),
             dropout=dropout_problem(dropout),
@@ -102,17 +115,21 @@ class UNetPlusPlus(nn.Module):
             prune_level=None if prune_level is None else int_problem(prune_level),
         )
         self.depth = depth
+        self.strides = resolve_strides(strides, depth, spatial_dims)
+        kernels = resolve_kernel_sizes(kernel_sizes, depth + 1, spatial_dims)
         kw = dict(norm=norm, activation=activation, dropout=float(dropout))
         self.deep_supervision = deep_supervision
         self._prune_level = depth
 
         ch = [features * 2**i for i in range(depth + 1)]
-        nodes = {"x_0_0": DoubleConv(spatial_dims, in_channels, ch[0], **kw)}
+        nodes = {"x_0_0": DoubleConv(spatial_dims, in_channels, ch[0], kernel_size=kernels[0], **kw)}
         for i in range(1, depth + 1):
-            nodes[f"x_{i}_0"] = Down(spatial_dims, ch[i - 1], ch[i], **kw)
+            nodes[f"x_{i}_0"] = Down(spatial_dims, ch[i - 1], ch[i], self.strides[i - 1], kernel_size=kernels[i], **kw)
         for j in range(1, depth + 1):
             for i in range(depth + 1 - j):
-                nodes[f"x_{i}_{j}"] = Up(spatial_dims, ch[i + 1], j * ch[i], ch[i], upsample, **kw)
+                nodes[f"x_{i}_{j}"] = Up(
+                    spatial_dims, ch[i + 1], j * ch[i], ch[i], upsample, self.strides[i], kernel_size=kernels[i], **kw
+                )
         self.nodes = nn.ModuleDict(nodes)
         # heads["j"] reads x_0_j
         self.heads = nn.ModuleDict(
@@ -149,7 +166,7 @@ class UNetPlusPlus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         levels = self.depth if self.training else self._prune_level
         size = list(x.shape[2:])
-        x = pad_to_multiple(x, 2**levels)
+        x = pad_to_multiple(x, total_stride(self.strides, levels))
 
         # rows[i] holds x_i_0, x_i_1, ... as they are computed, one backbone step (and its diagonal) at a time
         rows: list[list[torch.Tensor]] = [[self.nodes["x_0_0"](x)]]

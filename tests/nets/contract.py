@@ -12,6 +12,11 @@ from medseg.errors import ConfigError
 from medseg.nets import build_network
 
 SIZES = {2: (61, 75), 3: (19, 23, 29)}  # odd, not multiples of 2**depth, different per axis
+# thin slices on the last axis: pooled only at the last of 3 steps, 1-voxel kernels there until then
+ANISOTROPIC = {
+    "strides": [[2, 2, 1], [2, 2, 1], [2, 2, 2]],
+    "kernel_sizes": [[3, 3, 1], [3, 3, 1], [3, 3, 3], [3, 3, 3]],
+}
 IN_CHANNELS, NUM_CLASSES, BATCH = 2, 3, 2
 
 
@@ -21,6 +26,12 @@ class NetworkContract:
     name: str
     params: dict
     supports_deep_supervision = True
+    kernel_levels_beyond_depth = 1  # kernel_sizes has depth + this entries (one per resolution level)
+
+    def anisotropic(self) -> dict:
+        """:data:`ANISOTROPIC` for ``self.params['depth'] == 3``, with as many kernel entries as levels."""
+        levels = self.params["depth"] + self.kernel_levels_beyond_depth
+        return {"strides": ANISOTROPIC["strides"], "kernel_sizes": ANISOTROPIC["kernel_sizes"][:levels]}
 
     def build(self, spatial_dims: int, **overrides) -> torch.nn.Module:
         torch.manual_seed(0)
@@ -32,8 +43,8 @@ class NetworkContract:
             num_classes=NUM_CLASSES,
         )
 
-    def head_sizes(self, size: tuple[int, ...]) -> list[tuple[int, ...]]:
-        """Spatial sizes of the extra deep-supervision heads for an input of ``size``."""
+    def head_sizes(self, size: tuple[int, ...], strides=None) -> list[tuple[int, ...]]:
+        """Spatial sizes of the extra deep-supervision heads for an input of ``size`` (per-axis ``strides``)."""
         raise NotImplementedError
 
     @staticmethod
@@ -99,6 +110,49 @@ class NetworkContract:
         without = self.build(2, deep_supervision=False).train()
         assert without.deep_supervision is False and len(without.head_names) == 1
         assert isinstance(without(self.image(2)), torch.Tensor)
+
+    def test_anisotropic_pooling_and_kernels(self):
+        params = self.anisotropic()
+        model = self.build(3, **params).train()
+        x = self.image(3)
+        out = model(x)
+        outputs = out if isinstance(out, list) else [out]
+        assert outputs[0].shape == (BATCH, NUM_CLASSES, *SIZES[3])
+        sum(o.square().mean() for o in outputs).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (1, 1, 1)]
+        assert {m.kernel_size for m in convs} == {(3, 3, 1), (3, 3, 3)}
+        pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool3d)]
+        assert [tuple(m.stride) for m in pools] == [tuple(s) for s in params["strides"]]
+        with torch.no_grad():
+            evaluated = model.eval()(x)
+        assert evaluated.shape == (BATCH, NUM_CLASSES, *SIZES[3])
+        if self.supports_deep_supervision:
+            heads = self.build(3, deep_supervision=True, **params).train()(x)
+            assert [tuple(o.shape[2:]) for o in heads[1:]] == self.head_sizes(SIZES[3], params["strides"])
+
+    def test_anisotropic_any_size(self):
+        model = self.build(3, **self.anisotropic()).eval()
+        for size in [(1, 1, 1), (5, 9, 2), (16, 16, 4)]:
+            with torch.no_grad():
+                assert model(torch.randn(1, IN_CHANNELS, *size)).shape == (1, NUM_CLASSES, *size)
+
+    @pytest.mark.parametrize(
+        "param, value",
+        [
+            ("strides", [[2, 2, 1], [2, 2, 1]]),  # depth 3 needs 3 entries
+            ("strides", [[2, 3, 1], [2, 2, 1], [2, 2, 2]]),
+            ("strides", [[1, 1, 1], [2, 2, 1], [2, 2, 2]]),
+            ("strides", [[2, 2], [2, 2], [2, 2]]),  # 2 axes for a 3D network
+            ("kernel_sizes", [[3, 3, 2]] * 4),
+            ("kernel_sizes", [3, 3]),
+            ("kernel_sizes", "3"),
+        ],
+    )
+    def test_invalid_anisotropy_names_the_key(self, param, value):
+        with pytest.raises(ConfigError) as err:
+            self.build(3, **{param: value})
+        assert err.value.key == f"model.params.{param}"
 
     @pytest.mark.parametrize(
         "param, value",

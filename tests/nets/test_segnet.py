@@ -10,6 +10,7 @@ class TestSegNet(NetworkContract):
     name = "segnet"
     params = {"features": 4, "depth": 3}
     supports_deep_supervision = False
+    kernel_levels_beyond_depth = 0  # one kernel size per stage
 
     def test_deep_supervision_is_not_a_parameter(self):
         with pytest.raises(ConfigError, match="deep_supervision"):

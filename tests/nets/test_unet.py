@@ -1,9 +1,8 @@
-import math
-
 import pytest
 import torch
 
 from medseg.nets import UNet
+from medseg.nets.blocks import coarse_size
 from tests.nets.contract import NetworkContract
 
 
@@ -11,8 +10,9 @@ class TestUNet(NetworkContract):
     name = "unet"
     params = {"features": 4, "depth": 3}
 
-    def head_sizes(self, size):
-        return [tuple(math.ceil(s / 2**k) for s in size) for k in (1, 2)]
+    def head_sizes(self, size, strides=None):
+        strides = strides or [[2] * len(size)] * 3
+        return [tuple(coarse_size(size, k, strides)) for k in (1, 2)]
 
 
 def test_classic_configuration_has_the_papers_parameter_count():

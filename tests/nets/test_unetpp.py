@@ -10,7 +10,7 @@ class TestUNetPlusPlus(NetworkContract):
     name = "unetpp"
     params = {"features": 4, "depth": 3}
 
-    def head_sizes(self, size):
+    def head_sizes(self, size, strides=None):
         return [size, size]  # x_0_1 and x_0_2, at full resolution
 
 
