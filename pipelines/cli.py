@@ -63,6 +63,11 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--n-test", type=int, default=0, help="held-out cases with labels, in imagesTs/labelsTs")
     c.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("X", "Y"),
                    help="image width and height in pixels (default 256 256)")
+    c.add_argument("--clusters", type=float, default=0.5, metavar="FRACTION",
+                   help="fraction of the nuclei in clusters of touching nuclei with no background between them, "
+                        "the case that merges instances (default 0.5; 0 = every nucleus isolated)")
+    c.add_argument("--cluster-size", type=int, nargs=2, default=[2, 5], metavar=("MIN", "MAX"),
+                   help="nuclei per cluster, smaller clusters commoner (default 2 5)")
     c.add_argument("--seed", type=int, default=0)
     le = kinds.add_parser("lesions", help="3D NIfTI lesion volumes (or 2D RGB with --dims 2), semantic labels")
     le.add_argument("--out", required=True, type=Path, help="output dataset folder")

@@ -46,7 +46,8 @@ def run_synth(args: argparse.Namespace) -> int:
         size = tuple(args.size)
         if min(size) < 32:
             raise ConfigError("--size", f"expected X Y of at least 32 pixels, got {' '.join(map(str, size))}")
-        root = make_cells(args.out, n=args.n, size=size, seed=args.seed, n_test=args.n_test)
+        root = make_cells(args.out, n=args.n, size=size, seed=args.seed, n_test=args.n_test,
+                          clusters=args.clusters, cluster_size=tuple(args.cluster_size))
     else:
         size = tuple(args.size) if args.size else LESION_SIZES[args.dims]
         if len(size) != args.dims or min(size) < 16:

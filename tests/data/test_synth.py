@@ -201,3 +201,55 @@ def test_lesions_reject_bad_dims_and_size(tmp_path):
         make_lesions(tmp_path / "ds", dims=4)
     with pytest.raises(ConfigError, match="size"):
         make_lesions(tmp_path / "ds", dims=2, size=(32, 96, 96))
+
+
+# ------------------------------------------------------------------------------- touching clusters
+def _groups(label: np.ndarray, connectivity: int) -> list[np.ndarray]:
+    """The nucleus ids of each connected piece of foreground (4- or 8-connected)."""
+    structure = ndi.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    pieces, n = ndi.label(label > 0, structure)
+    return [np.unique(label[pieces == i]) for i in range(1, n + 1)]
+
+
+def _labels(root: Path) -> list[np.ndarray]:
+    return [tifffile.imread(p) for p in sorted((root / "labelsTr").glob("*.tif"))]
+
+
+def test_clusters_touch_with_no_background_between_and_groups_stay_apart(tmp_path):
+    root = make_cells(tmp_path / "ds", n=3, size=(160, 160), diameter=(10, 24), clusters=1.0, cluster_size=(2, 4))
+    for label in _labels(root):
+        groups = _groups(label, 4)
+        assert len(groups) >= 3 and all(2 <= g.size <= 4 for g in groups), [g.size for g in groups]
+        # Every nucleus shares an edge (4-adjacent pixels) with another nucleus of its cluster.
+        touching = {i for pair in _touching_pairs(label) for i in pair}
+        assert touching == set(range(1, int(label.max()) + 1))
+        # Distinct clusters keep background between them, even diagonally: 8-connected pieces are the same.
+        assert len(_groups(label, 8)) == len(groups)
+        np.testing.assert_array_equal(np.unique(label), np.arange(label.max() + 1))  # ids 1..K, unique
+
+
+def test_without_clusters_every_nucleus_stands_alone(tmp_path):
+    root = make_cells(tmp_path / "ds", n=2, size=(128, 128), diameter=(8, 20), clusters=0.0)
+    for label in _labels(root):
+        assert all(g.size == 1 for g in _groups(label, 8)) and not _touching_pairs(label)
+
+
+def test_default_mix_clusters_about_half_the_nuclei(cells):
+    in_clusters = total = 0
+    sizes = set()
+    for label in _labels(cells):
+        for g in _groups(label, 4):
+            total += g.size
+            in_clusters += g.size if g.size > 1 else 0
+            sizes.add(g.size)
+    assert 0.3 <= in_clusters / total <= 0.7, in_clusters / total
+    assert {1, 2, 3} <= sizes and max(sizes) <= 5
+    meta = json.loads((cells / "dataset.json").read_text())
+    assert meta["clusters"] == 0.5 and meta["cluster_size"] == [2, 5]
+
+
+def test_cluster_options_change_the_data_and_stay_deterministic(tmp_path):
+    a = _files(make_cells(tmp_path / "a", n=1, size=(96, 96), diameter=(8, 16), clusters=0.8, seed=4))
+    b = _files(make_cells(tmp_path / "b", n=1, size=(96, 96), diameter=(8, 16), clusters=0.8, seed=4))
+    c = _files(make_cells(tmp_path / "c", n=1, size=(96, 96), diameter=(8, 16), clusters=0.2, seed=4))
+    assert a == b and a != c

@@ -27,6 +27,16 @@ def test_synth_then_check_is_clean(medseg, tmp_path):
     assert "0 errors" in res.stdout and "ok" in res.stdout
 
 
+def test_synth_cells_cluster_options(medseg, tmp_path):
+    out = tmp_path / "cells"
+    medseg("synth", "cells", "--out", out, "--n", "1", "--size", "96", "96", "--clusters", "1",
+           "--cluster-size", "2", "3")
+    meta = json.loads((out / "dataset.json").read_text())
+    assert meta["clusters"] == 1.0 and meta["cluster_size"] == [2, 3]
+    bad = medseg("synth", "cells", "--out", tmp_path / "bad", "--n", "1", "--clusters", "1.5", check=False)
+    assert bad.returncode != 0 and "clusters" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_synth_lesions_3d_and_2d(medseg, tmp_path):
     medseg("synth", "lesions", "--out", tmp_path / "l3", "--n", "2", "--size", "40", "36", "16")
     assert medseg("check", tmp_path / "l3").returncode == 0
