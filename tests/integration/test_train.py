@@ -148,7 +148,11 @@ def test_tiny_run_against_a_real_mlflow_server(cells, tmp_path):
         _assert_complete_run(uri, "tiny2d", epochs=2)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: the graceful stop is not what this test checks
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 def test_unreachable_tracking_server_fails_fast(cells, tmp_path):
