@@ -98,6 +98,9 @@ class NormalizeConfig(_Section):
     window: list[float] = Field(default_factory=lambda: [-1000.0, 400.0], min_length=2, max_length=2)  # ct: HU
     per_channel: bool = True
     nonzero: bool = False  # statistics of nonzero voxels only, zeros kept (percentile, zscore)
+    # ct with both: clip to window, then z-score with these dataset statistics (nnU-Net's CT scheme)
+    mean: float | None = None
+    std: float | None = Field(None, gt=0.0)
 
     @field_validator("upper")
     @classmethod
@@ -106,6 +109,12 @@ class NormalizeConfig(_Section):
         if lower is not None and lower >= upper:
             raise ValueError(f"expected upper > lower ({lower}), got {upper}")
         return upper
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> NormalizeConfig:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together (ct mode: clip to window, then (x - mean) / std)")
+        return self
 
     @field_validator("window")
     @classmethod

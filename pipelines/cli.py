@@ -18,6 +18,7 @@ EXAMPLES = """\
 examples:
   medseg synth cells --out demo/cells --n 24 --n-test 4
   medseg check demo/cells
+  medseg plan demo/cells --out configs/planned_cells.yaml --hours 2
   medseg train configs/demo_cells.yaml --set train.epochs=5
   medseg predict --model runs/demo_cells --input demo/cells/imagesTs --output demo/pred --instances
   medseg evaluate --pred demo/pred --ref demo/cells/labelsTs
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_synth(sub)
     _add_check(sub)
+    _add_plan(sub)
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
@@ -84,6 +86,25 @@ def _add_check(sub: argparse._SubParsersAction) -> None:
     p.add_argument("target", help="a dataset folder, or an experiment config (its data.root is checked)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--tolerance", type=float, default=1e-3, help="geometry tolerance (default 1e-3)")
+
+
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="derive an experiment config from a dataset and this machine (spacing, normalisation, network, "
+             "patch, batch, schedule), each value commented with where it came from",
+        description="Fingerprint DATASET (cached in fingerprint.json while its content is unchanged), measure "
+                    "training steps of the network on this machine, and write a config that trains as is.",
+    )
+    p.add_argument("dataset", type=Path, help="dataset folder (images/ + labels/, or an nnU-Net/MSD dataset.json)")
+    p.add_argument("--out", type=Path, default=None, help="config YAML to write (default: print only)")
+    p.add_argument("--memory", type=float, default=None, metavar="GB",
+                   help="memory one training step may use (default: 85%% of the GPU, or 25%% of free RAM on cpu)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device to plan (and measure) for")
+    p.add_argument("--hours", type=float, default=None, metavar="H",
+                   help="training time budget: epochs from it and the measured step time (default: nnU-Net's 1000)")
+    p.add_argument("--model", choices=("unet", "unetpp", "segnet"), default="unet", help="network (default unet)")
+    p.add_argument("--dry-run", action="store_true", help="print the table and the YAML, write no config")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -157,6 +178,10 @@ def _run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(dump_config(load_experiment(args.config, args.overrides)))
         return 0
+    if args.command == "plan":
+        from pipelines.plan import run_plan_cli
+
+        return run_plan_cli(args)
     if args.command == "train":
         from pipelines.train import run_train_cli
 

@@ -179,8 +179,9 @@ def build_normalization(
     ``normalize``: a :class:`~medseg.config.NormalizeConfig` or its mapping (``{"mode": "percentile" |
     "zscore" | "ct" | "none", "lower", "upper", "window", "per_channel", "nonzero"}``, missing entries take
     its defaults). ``percentile``: the lower..upper percentiles to 0..1, clipped; ``zscore``: zero mean, unit
-    std; ``ct``: the HU ``window`` [low, high] to 0..1, clipped. ``per_channel``: statistics per channel;
-    ``nonzero``: statistics of nonzero voxels only, zeros kept (percentile, zscore).
+    std; ``ct``: the HU ``window`` [low, high] to 0..1, clipped, or with ``mean`` and ``std`` clipped to the
+    window and then z-scored with them (the planner's foreground statistics, as nnU-Net). ``per_channel``:
+    statistics per channel; ``nonzero``: statistics of nonzero voxels only, zeros kept (percentile, zscore).
 
     Raises:
         ConfigError: at ``<config_key>.<name>``.
@@ -195,6 +196,9 @@ def build_normalization(
         return NormalizeIntensityd(image_key, nonzero=settings.nonzero, channel_wise=settings.per_channel)
     if settings.mode == "ct":
         low, high = settings.window
+        if settings.mean is not None:  # clip, then z-score: one linear map of the clipped range
+            b_min, b_max = (low - settings.mean) / settings.std, (high - settings.mean) / settings.std
+            return ScaleIntensityRanged(image_key, a_min=low, a_max=high, b_min=b_min, b_max=b_max, clip=True)
         return ScaleIntensityRanged(image_key, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
     return Identityd(image_key)
 

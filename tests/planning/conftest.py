@@ -14,6 +14,12 @@ from medseg.data.synth import make_cells, make_lesions
 
 
 @pytest.fixture(scope="session")
+def probe_cache(tmp_path_factory) -> Path:
+    """One step-cost cache for the session: the same network at the same size is measured once."""
+    return tmp_path_factory.mktemp("probes") / "step_costs.json"
+
+
+@pytest.fixture(scope="session")
 def cells_2d(tmp_path_factory) -> Path:
     return make_cells(tmp_path_factory.mktemp("cells") / "cells", n=4, size=(96, 96))
 

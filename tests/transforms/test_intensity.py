@@ -82,6 +82,10 @@ def test_zscore_and_ct_window():
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-3
     ct = build_normalization({"mode": "ct", "window": [-100, 300]})(image_with([-1000, -100, 100, 300, 3000]))
     torch.testing.assert_close(ct["image"].flatten(), torch.tensor([0.0, 0.0, 0.5, 1.0, 1.0]))
+    # clip to the window, then z-score with given statistics (nnU-Net's CT scheme)
+    cz = build_normalization({"mode": "ct", "window": [-100, 300], "mean": 50.0, "std": 25.0})
+    out = cz(image_with([-1000, -100, 50, 100, 300, 3000]))["image"].flatten()
+    torch.testing.assert_close(out, (torch.tensor([-100.0, -100, 50, 100, 300, 300]) - 50) / 25)
     same = build_normalization({"mode": "none"})(image_with([1.0, 7.0]))
     torch.testing.assert_close(same["image"].flatten(), torch.tensor([1.0, 7.0]))
 
@@ -94,6 +98,8 @@ def test_zscore_and_ct_window():
         ({"window": [400, -1000], "mode": "ct"}, "transforms.normalize.window"),
         ({"per_channel": "yes"}, "transforms.normalize.per_channel"),
         ({"clip": True}, "transforms.normalize.clip"),
+        ({"mode": "ct", "mean": 3.0}, "transforms.normalize"),
+        ({"mode": "ct", "mean": 3.0, "std": 0.0}, "transforms.normalize.std"),
     ],
 )
 def test_normalisation_config_errors_name_the_key(normalize, key):
