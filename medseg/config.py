@@ -66,6 +66,10 @@ class DataConfig(_Section):
     cache: bool = True  # cache the deterministic part (load + normalise + weight map) in memory
     num_workers: int = Field(2, ge=0)
     spacing: list[float] | None = None  # resample to this spacing (3D scans of mixed resolution)
+    # cross-validation: `medseg train CONFIG --fold K` trains fold K of `folds` (run folder <output_dir>/fold_K)
+    folds: int | None = Field(None, ge=2)
+    fold: int | None = Field(None, ge=0)
+    splits: str | None = None  # nnU-Net splits_final.json shape; None: <root>/splits.json (written when missing)
 
     @field_validator("classes")
     @classmethod
@@ -78,6 +82,16 @@ class DataConfig(_Section):
         if len(ids) < 2:
             raise ValueError("at least two classes (background and one foreground class) are needed")
         return v
+
+    @model_validator(mode="after")
+    def _fold_in_range(self) -> DataConfig:
+        if self.fold is not None and self.folds is None:
+            raise ValueError("fold needs data.folds (the number of folds, e.g. 5)")
+        if self.fold is not None and self.fold >= self.folds:
+            raise ValueError(f"fold {self.fold} is not one of 0..{self.folds - 1} (data.folds: {self.folds})")
+        if self.folds is not None and self.val_cases:
+            raise ValueError("data.val_cases and data.folds exclude each other: the folds choose the validation cases")
+        return self
 
     @field_validator("spacing")
     @classmethod

@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_predict(sub)
     _add_evaluate(sub)
+    _add_cv(sub)
     _add_augment_preview(sub)
     _add_config(sub)
     return parser
@@ -116,6 +117,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                    help="continue from the output folder's last checkpoint (auto) or a checkpoint file")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None, help="overrides train.device")
     p.add_argument("--output", type=Path, default=None, help="run folder (overrides experiment.output_dir)")
+    p.add_argument("--fold", type=int, default=None, metavar="K",
+                   help="train cross-validation fold K of data.folds (run folder <output>/fold_K; splits.json)")
     _add_tracking(p)
 
 
@@ -144,6 +147,12 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="where metrics.csv/summary.json go (default: --pred)")
     p.add_argument("--tolerance", type=float, default=1.0, help="surface Dice tolerance in mm/px (default 1)")
     p.add_argument("--run-id", default=None, help="log the summary into this MLflow run")
+    _add_tracking(p)
+
+
+def _add_cv(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("cv", help="cross-validation summary over the fold runs of an experiment")
+    p.add_argument("runs", type=Path, help="the experiment's run folder holding fold_0 .. fold_K-1")
     _add_tracking(p)
 
 
@@ -194,6 +203,10 @@ def _run(args: argparse.Namespace) -> int:
         from pipelines.evaluate import run_evaluate_cli
 
         return run_evaluate_cli(args)
+    if args.command == "cv":
+        from pipelines.cv import run_cv_cli
+
+        return run_cv_cli(args)
     if args.command == "augment-preview":
         from pipelines.preview import run_preview_cli
 

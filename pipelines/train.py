@@ -20,6 +20,7 @@ import torch
 from medseg.config import ExperimentConfig, config_to_dict, dump_config
 from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch, split_cases
+from medseg.data.splits import load_or_create_folds
 from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medseg.engine.loop import StepSettings, evaluate, resolve_amp, train_one_epoch
@@ -38,6 +39,7 @@ from pipelines.common import (
     training_transform,
     validation_transform,
 )
+from pipelines.cv import fold_dir, fold_tags, parent_run
 from pipelines.progress import Progress, StopFlag
 from pipelines.train_report import log_epoch, log_run_artifacts
 
@@ -63,6 +65,8 @@ def run_train_cli(args: argparse.Namespace) -> int:
         overrides.append(f"tracking.uri={args.tracking_uri}")
     if args.no_tracking:
         overrides.append("tracking.enabled=false")
+    if args.fold is not None:
+        overrides.append(f"data.fold={args.fold}")
     cfg = load_experiment(args.config, overrides)
     result = train(cfg, output_dir=args.output, resume=args.resume)
     if result.interrupted:
@@ -141,7 +145,10 @@ def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | N
     """Train from a validated config. Returns where the run is and how it went."""
     dist_info = dist.init_distributed(cfg.train.device)
     try:
-        return _train(cfg, Path(output_dir or cfg.output_dir), resume, dist_info)
+        output_dir = Path(output_dir or cfg.output_dir)
+        if cfg.data.fold is not None:  # each fold its own run folder; the folder above gathers them (medseg cv)
+            output_dir = fold_dir(output_dir, cfg.data.fold)
+        return _train(cfg, output_dir, resume, dist_info)
     finally:
         dist.cleanup_distributed()
 
@@ -183,10 +190,7 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     """Find the cases, split train/validation, build the datasets and loaders; fills classes into ``cfg``."""
     cfg, dataset = resolve_dataset(cfg)
     names = [c.name for c in dataset.cases]
-    try:
-        train_idx, val_idx = split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
-    except ValueError as err:
-        raise ConfigError("data.val_cases", str(err)) from None
+    train_idx, val_idx = _split(cfg, names)
     records = to_datalist(dataset.cases)
     train_data = [records[i] for i in train_idx]
     val_data = [records[i] for i in val_idx]
@@ -212,6 +216,31 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     class_names = sorted(cfg.data.classes, key=cfg.data.classes.get)
     return cfg, _Data(dataset, class_names, len(train_data), len(val_data), int(first["image"].shape[0]),
                       iterations, loader, val_loader)
+
+
+def splits_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.data.splits) if cfg.data.splits else Path(cfg.data.root) / "splits.json"
+
+
+def _split(cfg: ExperimentConfig, names: list[str]) -> tuple[list[int], list[int]]:
+    """Training and validation case indices: fold ``data.fold`` of the dataset's folds, else a seeded split."""
+    if cfg.data.folds is not None:
+        if cfg.data.fold is None:
+            raise ConfigError("data.fold", f"data.folds is {cfg.data.folds}: train one fold at a time with "
+                                           f"--fold K (K = 0..{cfg.data.folds - 1})")
+        try:
+            folds = load_or_create_folds(splits_path(cfg), names, cfg.data.folds, cfg.experiment.seed)
+        except ValueError as err:
+            if isinstance(err, DataError):
+                raise
+            raise ConfigError("data.folds", str(err)) from None
+        val = set(folds[cfg.data.fold]["val"])
+        train = set(folds[cfg.data.fold]["train"])
+        return [i for i, n in enumerate(names) if n in train], [i for i, n in enumerate(names) if n in val]
+    try:
+        return split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
+    except ValueError as err:
+        raise ConfigError("data.val_cases", str(err)) from None
 
 
 def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) -> DiceWeightedCELoss:
@@ -290,10 +319,12 @@ def _nothing_left(state: _State, cfg: ExperimentConfig) -> bool:
 def _start_tracking(cfg: ExperimentConfig, output_dir: Path, dataset: DatasetInfo, state: _State,
                     dist_info: dist.DistInfo, fresh: bool) -> Tracker:
     """Rank 0 writes the resolved config and starts (or resumes) the MLflow run; every rank learns its id."""
+    fold = cfg.data.fold
+    parent = parent_run(cfg, output_dir.parent) if fold is not None and fresh and dist_info.is_main else None
     tracker = Tracker(
         cfg.tracking.uri,
         cfg.tracking.experiment or cfg.experiment.name,
-        run_name=cfg.experiment.run_name,
+        run_name=cfg.experiment.run_name if fold is None else f"{cfg.experiment.run_name or 'fold'} {fold}",
         run_id=state.run_id,
         fallback_dir=output_dir,
         enabled=cfg.tracking.enabled and dist_info.is_main,
@@ -309,6 +340,8 @@ def _start_tracking(cfg: ExperimentConfig, output_dir: Path, dataset: DatasetInf
                 "medseg.dataset_fingerprint": dataset_fingerprint(dataset), "medseg.device": str(dist_info.device),
                 "medseg.world_size": str(dist_info.world_size), "medseg.dataset": str(cfg.data.root),
             })
+            if fold is not None:
+                tags.update(fold_tags(cfg, parent))
             tracker.set_tags(tags)
     state.run_id = dist.broadcast_object(state.run_id, dist_info)
     return tracker
