@@ -124,8 +124,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batch-predict a folder (or files) of scans with a trained model")
-    p.add_argument("--model", required=True,
-                   help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+                   help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>; "
+                        "several: an ensemble averaging their probabilities (e.g. the cross-validation folds)")
     p.add_argument("--input", required=True, nargs="+", help="a folder of scans, or scan files")
     p.add_argument("--output", required=True, type=Path, help="output folder")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,

@@ -25,6 +25,7 @@ from medseg.data.readers import is_hidden, is_image_path, split_name
 from medseg.data.writers import write_image
 from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import load_checkpoint
+from medseg.ensemble import ProbabilityEnsemble, check_members
 from medseg.errors import ConfigError, DataError, MedsegError
 from medseg.inference import SlidingWindowPredictor
 from medseg.nets import build_network
@@ -78,6 +79,23 @@ def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[to
     )
     model.load_state_dict(state["model"])
     return model.eval(), meta
+
+
+def load_models(sources: str | list[str], tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """One model, or several as a :class:`~medseg.ensemble.ProbabilityEnsemble` that averages probabilities.
+
+    Members must agree on classes and preprocessing (a ConfigError names the first that does not); the
+    sliding window uses the first member's patch size and inference settings.
+    """
+    sources = [sources] if isinstance(sources, str) else list(sources)
+    loaded = [load_trained_model(s, tracking_uri) for s in sources]
+    if len(loaded) == 1:
+        return loaded[0]
+    metas = [meta for _, meta in loaded]
+    check_members(metas, sources)
+    log.info("ensemble of %d models: probabilities averaged before post-processing", len(loaded))
+    ensemble = ProbabilityEnsemble([model for model, _ in loaded], len(metas[0]["classes"]))
+    return ensemble.eval(), {**metas[0], "ensemble": sources}
 
 
 def list_inputs(inputs: list[str]) -> tuple[list[Path], list[Path]]:
@@ -262,7 +280,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
     if dist_info.device.type == "cpu":
         torch.set_flush_denormal(True)  # see pipelines/train.py
     try:
-        model, meta = load_trained_model(args.model, args.tracking_uri)
+        model, meta = load_models(args.model, args.tracking_uri)
         scans, skipped = list_inputs(args.input)
         if dist_info.is_main:
             for path in skipped:
