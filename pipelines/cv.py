@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 from medseg.config import ExperimentConfig
-from medseg.errors import DataError
+from medseg.data.loaders import split_cases
+from medseg.data.splits import load_or_create_folds
+from medseg.errors import ConfigError, DataError
 from medseg.tracking import Tracker
 
 log = logging.getLogger("medseg.cv")
@@ -56,6 +58,31 @@ def fold_tags(cfg: ExperimentConfig, parent: str | None) -> dict[str, str]:
     if parent:
         tags["mlflow.parentRunId"] = parent  # MLflow's own nesting: the UI shows the folds under the parent
     return tags
+
+
+def splits_path(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.data.splits) if cfg.data.splits else Path(cfg.data.root) / "splits.json"
+
+
+def split_for(cfg: ExperimentConfig, names: list[str]) -> tuple[list[int], list[int]]:
+    """Training and validation case indices: fold ``data.fold`` of the dataset's folds, else a seeded split."""
+    if cfg.data.folds is not None:
+        if cfg.data.fold is None:
+            raise ConfigError("data.fold", f"data.folds is {cfg.data.folds}: train one fold at a time with "
+                                           f"--fold K (K = 0..{cfg.data.folds - 1})")
+        try:
+            folds = load_or_create_folds(splits_path(cfg), names, cfg.data.folds, cfg.experiment.seed)
+        except ValueError as err:
+            if isinstance(err, DataError):
+                raise
+            raise ConfigError("data.folds", str(err)) from None
+        val = set(folds[cfg.data.fold]["val"])
+        train = set(folds[cfg.data.fold]["train"])
+        return [i for i, n in enumerate(names) if n in train], [i for i, n in enumerate(names) if n in val]
+    try:
+        return split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
+    except ValueError as err:
+        raise ConfigError("data.val_cases", str(err)) from None
 
 
 # -- medseg cv -----------------------------------------------------------------------------------------

@@ -19,8 +19,7 @@ import torch
 
 from medseg.config import ExperimentConfig, config_to_dict, dump_config
 from medseg.data.datalist import DatasetInfo, to_datalist
-from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch, split_cases
-from medseg.data.splits import load_or_create_folds
+from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch
 from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medseg.engine.loop import StepSettings, evaluate, resolve_amp, train_one_epoch
@@ -39,7 +38,7 @@ from pipelines.common import (
     training_transform,
     validation_transform,
 )
-from pipelines.cv import fold_dir, fold_tags, parent_run
+from pipelines.cv import fold_dir, fold_tags, parent_run, split_for
 from pipelines.progress import Progress, StopFlag
 from pipelines.train_report import log_epoch, log_run_artifacts
 
@@ -190,7 +189,7 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     """Find the cases, split train/validation, build the datasets and loaders; fills classes into ``cfg``."""
     cfg, dataset = resolve_dataset(cfg)
     names = [c.name for c in dataset.cases]
-    train_idx, val_idx = _split(cfg, names)
+    train_idx, val_idx = split_for(cfg, names)
     records = to_datalist(dataset.cases)
     train_data = [records[i] for i in train_idx]
     val_data = [records[i] for i in val_idx]
@@ -216,31 +215,6 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     class_names = sorted(cfg.data.classes, key=cfg.data.classes.get)
     return cfg, _Data(dataset, class_names, len(train_data), len(val_data), int(first["image"].shape[0]),
                       iterations, loader, val_loader)
-
-
-def splits_path(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.data.splits) if cfg.data.splits else Path(cfg.data.root) / "splits.json"
-
-
-def _split(cfg: ExperimentConfig, names: list[str]) -> tuple[list[int], list[int]]:
-    """Training and validation case indices: fold ``data.fold`` of the dataset's folds, else a seeded split."""
-    if cfg.data.folds is not None:
-        if cfg.data.fold is None:
-            raise ConfigError("data.fold", f"data.folds is {cfg.data.folds}: train one fold at a time with "
-                                           f"--fold K (K = 0..{cfg.data.folds - 1})")
-        try:
-            folds = load_or_create_folds(splits_path(cfg), names, cfg.data.folds, cfg.experiment.seed)
-        except ValueError as err:
-            if isinstance(err, DataError):
-                raise
-            raise ConfigError("data.folds", str(err)) from None
-        val = set(folds[cfg.data.fold]["val"])
-        train = set(folds[cfg.data.fold]["train"])
-        return [i for i, n in enumerate(names) if n in train], [i for i, n in enumerate(names) if n in val]
-    try:
-        return split_cases(names, cfg.data.val_fraction, cfg.data.val_cases, cfg.experiment.seed)
-    except ValueError as err:
-        raise ConfigError("data.val_cases", str(err)) from None
 
 
 def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) -> DiceWeightedCELoss:
