@@ -79,6 +79,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     le.add_argument("--size", type=int, nargs="+", default=None, metavar="N",
                     help="X Y Z for 3D (default 96 96 32), X Y for 2D (default 192 192), in voxels")
     le.add_argument("--dims", type=int, choices=(2, 3), default=3)
+    le.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                    help="3D voxel size in mm (default 0.8 0.8 2.5; e.g. 0.8 0.8 4 for thick slices)")
     le.add_argument("--seed", type=int, default=0)
 
 

@@ -54,7 +54,11 @@ def run_synth(args: argparse.Namespace) -> int:
             axes = " ".join("XYZ"[: args.dims])
             raise ConfigError("--size", f"expected {axes} ({args.dims} sizes of at least 16) for --dims {args.dims}, "
                                         f"got {' '.join(map(str, size))}")
-        root = make_lesions(args.out, n=args.n, size=size, seed=args.seed, n_test=args.n_test, dims=args.dims)
+        extra = {"spacing": tuple(args.spacing)} if args.spacing else {}
+        if extra and args.dims != 3:
+            raise ConfigError("--spacing", "only 3D lesions (--dims 3) have a voxel spacing")
+        root = make_lesions(args.out, n=args.n, size=size, seed=args.seed, n_test=args.n_test, dims=args.dims,
+                            **extra)
     preview = write_preview(root)
     print(f"wrote {args.n} training + {args.n_test} test cases to {root} (look at {preview})")
     return 0

@@ -317,6 +317,23 @@ def memory_budget(memory_gb: float | None, device: str) -> tuple[int, str]:
 # -- the plan ------------------------------------------------------------------------------------------
 
 
+def _data_section(fp: Fingerprint, root: str, draft: _Draft) -> tuple[list[float] | None, list[float]]:
+    """data.* and the normalisation; returns (data.spacing, the spacing training sees)."""
+    dims = fp.spatial_dims
+    draft.set("data.root", str(root))
+    draft.set("data.spatial_dims", dims, f"{dims}D images (fingerprint of {len(fp.cases)} cases)")
+    draft.set("data.label_kind", fp.label_kind)
+    if len(fp.cases) >= 2:
+        folds = min(5, len(fp.cases))
+        draft.set("data.folds", folds, f"{folds}-fold cross-validation: medseg train CONFIG --fold K (K = 0.."
+                  f"{folds - 1}), then medseg cv RUNS; medseg predict --model RUNS/fold_* ensembles")
+    spacing, seen, spacing_note = target_spacing(fp)
+    draft.set("data.spacing", spacing, spacing_note)
+    normalize, note = normalisation(fp)
+    draft.set("transforms.normalize", normalize, note)
+    return spacing, seen
+
+
 def plan_experiment(fp: Fingerprint, root: str, *, device: str = "cpu", memory_gb: float | None = None,
                     hours: float | None = None, model: str = "unet", probe: StepProbe | None = None,
                     name: str | None = None) -> Plan:
@@ -329,14 +346,7 @@ def plan_experiment(fp: Fingerprint, root: str, *, device: str = "cpu", memory_g
     budget, budget_note = memory_budget(memory_gb, device)
     dims, draft = fp.spatial_dims, _Draft()
     draft.set("experiment.name", name or f"{fp.root.rstrip('/').split('/')[-1]}_{model}_planned")
-    draft.set("data.root", str(root))
-    draft.set("data.spatial_dims", dims, f"{dims}D images (fingerprint of {len(fp.cases)} cases)")
-    draft.set("data.label_kind", fp.label_kind)
-    spacing, seen_spacing, spacing_note = target_spacing(fp)
-    draft.set("data.spacing", spacing, spacing_note)
-    normalize, note = normalisation(fp)
-    draft.set("transforms.normalize", normalize, note)
-
+    spacing, seen_spacing = _data_section(fp, root, draft)
     scale = np.array([s / t for s, t in zip(fp.median_spacing, seen_spacing)])
     shapes = np.array([c.shape for c in fp.cases], dtype=float) * scale
     median_shape = [float(v) for v in np.median(shapes, axis=0)]

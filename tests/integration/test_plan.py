@@ -21,9 +21,9 @@ def test_plan_anisotropic_lesions_then_train(medseg, tmp_path, env):
     text = out.read_text()
     assert "strides: [[2, 2, 1]" in text.replace("\n", " ") or "[[2, 2, 1]," in text
     run = tmp_path / "run"
-    medseg("train", out, "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1", "--no-tracking",
-           "--output", run, cwd=tmp_path, env=env)
-    assert (run / "config.yaml").is_file()
+    medseg("train", out, "--fold", "0", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1",
+           "--no-tracking", "--output", run, cwd=tmp_path, env=env)
+    assert (run / "fold_0" / "config.yaml").is_file()
 
 
 def test_plan_cells_then_train(medseg, tmp_path, env):
@@ -33,8 +33,9 @@ def test_plan_cells_then_train(medseg, tmp_path, env):
     text = out.read_text()
     assert "weight_map" in text and "min_instance_size" in text
     run = tmp_path / "run"
-    medseg("train", out, "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1", "--no-tracking",
-           "--output", run, cwd=tmp_path, env=env)
+    medseg("train", out, "--fold", "1", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1",
+           "--no-tracking", "--output", run, cwd=tmp_path, env=env)
+    assert (run / "fold_1" / "checkpoints" / "last.pt").is_file()
     fp = json.loads((root / "fingerprint.json").read_text())
     assert fp["objects"]["count"] > 0
 
