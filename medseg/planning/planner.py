@@ -13,7 +13,8 @@ nnU-Net's recipe (Isensee et al. 2021, ``default_experiment_planner.py``), with 
 - patch and batch size: start at the median image shape (at the target spacing) and shrink the axis largest
   relative to that shape until a MEASURED training step at batch 2 fits the memory budget
   (:mod:`medseg.planning.probe`), then the largest batch that fits (at most 5 % of the dataset's voxels per
-  batch, nnU-Net's cap, at least 2), verified by one more probe at the final patch and batch.
+  batch, nnU-Net's cap, at least 2), verified by an exact probe at the final patch and batch (on CPU the peak
+  resident memory of a fresh process), whose ratio to the estimate corrects the search when it does not fit.
 - instance data (cells): the weight map's sigma and the smallest kept object scale with the measured object
   diameter (the U-Net paper's sigma = 5 px suits ~25 px cells); the representation follows how often
   objects touch.
@@ -158,16 +159,16 @@ def network_params(model: str, features: int, strides, kernels) -> dict[str, Any
 
 class MemoryModel:
     """Bytes of a training step as ``fixed + batch * per_voxel * voxels``, fitted per topology from two
-    measured probes at the topology's smallest patch (batch 1 and 2); the final plan is probed itself."""
+    measured probes at the topology's smallest patch (batch 1 and 2); the final plan is probed exactly."""
 
     def __init__(self, probe: StepProbe, model: str, features: int, dims: int, in_channels: int, classes: int):
         self.probe, self.model, self.features = probe, model, features
         self.dims, self.in_channels, self.classes = dims, in_channels, classes
 
-    def cost(self, strides, kernels, patch: list[int], batch: int) -> StepCost:
+    def cost(self, strides, kernels, patch: list[int], batch: int, exact: bool = False) -> StepCost:
         return self.probe.cost(self.model, network_params(self.model, self.features, strides, kernels),
                                spatial_dims=self.dims, in_channels=self.in_channels, num_classes=self.classes,
-                               patch=list(patch), batch=batch)
+                               patch=list(patch), batch=batch, exact=exact)
 
     def fit(self, strides, kernels) -> tuple[float, float]:
         """``(fixed bytes, bytes per voxel of one sample)`` for this topology."""
@@ -222,28 +223,27 @@ def choose_batch(memory: MemoryModel, strides, kernels, patch: list[int], budget
 
 def fit_plan(memory: MemoryModel, median_shape: list[float], spacing: list[float], budget: float,
              dataset_voxels: float) -> tuple[list[int], int, list, list, StepCost, str]:
-    """Patch, batch and topology that fit ``budget``, verified by a probe at exactly that patch and batch."""
-    found = search_patch(median_shape, spacing, memory, budget)
-    if found is None:
-        raise ConfigError("--memory", f"not even the smallest patch fits {budget / 2**30:.2f} GiB with "
-                                      f"{memory.features} features")
-    patch, strides, kernels = found
-    batch, why = choose_batch(memory, strides, kernels, patch, budget, dataset_voxels)
-    for _ in range(6):  # the linear model is an estimate: the probe at the chosen size decides
-        cost = memory.cost(strides, kernels, patch, batch)
+    """Patch, batch and topology that fit ``budget``, verified by an exact probe at exactly that patch and batch.
+
+    The search uses the fast estimate; when the exact measure exceeds the budget, the ratio of the two
+    (measured) scales the budget the search aims at, and the search runs again.
+    """
+    target = budget
+    for _ in range(4):
+        found = search_patch(median_shape, spacing, memory, target)
+        if found is None:
+            break
+        patch, strides, kernels = found
+        batch, why = choose_batch(memory, strides, kernels, patch, target, dataset_voxels)
+        cost = memory.cost(strides, kernels, patch, batch, exact=True)
         if cost.bytes <= budget:
             return patch, batch, strides, kernels, cost, why
-        if batch > 2:
-            batch = max(2, int(batch * budget / cost.bytes))
-            why = "reduced until the measured step fit the budget"
-            continue
-        axis = int(np.argmax([p / m for p, m in zip(patch, median_shape)]))
-        patch[axis] = max(2 * MIN_BOTTLENECK, int(patch[axis] * 0.85))
-        strides, kernels = topology(patch, spacing, MAX_DEPTH[len(patch)])
-        if not strides:
-            break
-        patch = _divisible(patch, _total(strides, len(patch)))
-    raise ConfigError("--memory", f"no patch of batch 2 measured under {budget / 2**30:.2f} GiB")
+        ratio = cost.bytes / memory.estimate(strides, kernels, patch, batch)
+        log.info("measured %.3f GiB at %s x %d, %.2fx the estimate: searching again", cost.bytes / 2**30, patch,
+                 batch, ratio)
+        target = min(target, budget / ratio) * 0.97
+    raise ConfigError("--memory", f"no patch of batch 2 measured under {budget / 2**30:.3f} GiB with "
+                                  f"{memory.features} features")
 
 
 # -- instances and schedule ----------------------------------------------------------------------------
