@@ -4,7 +4,9 @@ Every loaded image is a channel-first ``MetaTensor`` ``[C, *spatial]`` whose met
 as MONAI's readers), ``spacing``, ``spatial_shape``, ``original_channel_dim`` and ``filename_or_obj``.
 Which library reads a file is decided by its extension:
 
-- NIfTI (``.nii``, ``.nii.gz``): MONAI's ``NibabelReader``.
+- NIfTI (``.nii``, ``.nii.gz``): :class:`NiftiReader`, MONAI's ``NibabelReader`` without its header
+  "correction" (which replaces an sform whose scales differ from ``pixdim`` -- any sheared sform -- by the
+  qform): the affine is nibabel's, the sform when its code is set, as the NIfTI standard says.
 - MHA/MHD, NRRD/NHDR and DICOM series directories: :class:`SimpleITKReader`, which follows MONAI's
   ``ITKReader`` (LPS -> RAS affine, x-first arrays), so a NIfTI and the same image saved as MHA load to the
   same array and affine.
@@ -15,14 +17,23 @@ along the image width (MONAI's ``PILReader``/``ITKReader`` convention), so a PNG
 loads as ``[C, W, H]``; RGB(A) becomes 3 (4) channels; a TIFF stack of Z pages loads as ``[C, W, H, Z]``.
 Raster images carry an identity affine (unit spacing); :func:`medseg.data.writers.write_image` applies the
 inverse mapping, so reading and writing are consistent. A palette PNG loads as its palette indices (label masks).
+
+A file that cannot be read raises :class:`~medseg.errors.DataError` with the library's reason in words
+("truncated gzip stream", "not a NIfTI file"...), and a header announcing more voxels than the machine has
+memory for is refused before anything is allocated.
 """
 
 from __future__ import annotations
 
+import gzip
 import logging
+import os
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 import tifffile
@@ -108,6 +119,60 @@ def _stacked(arrays_and_metas: list[tuple[np.ndarray, dict]]) -> tuple[np.ndarra
     return _stack_images([a for a, _ in arrays_and_metas], meta), meta
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # not POSIX
+        return None
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError
+
+
+def check_claimed_size(path, shape: Sequence[int], dtype) -> None:
+    """Refuse, before allocating, an image whose header claims more voxels than this machine's memory holds
+    (loading converts to float32, so at least 4 bytes per value count)."""
+    total = _memory_bytes()
+    need = int(np.prod([int(s) for s in shape], dtype=np.float64)) * max(np.dtype(dtype).itemsize, 4)
+    if total is not None and need > total:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise DataError(path, f"header claims {dims} voxels ({np.dtype(dtype).name}): loading needs {_size(need)}, "
+                              f"more than this machine's {_size(total)} of memory")
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """What a reader library's exception means, in words (the libraries' own texts are often empty or cryptic)."""
+    text = " ".join(str(err).split())
+    if isinstance(err, EOFError) or "end-of-stream marker" in text:
+        return "truncated gzip stream (the file ends before its compressed data does)"
+    if isinstance(err, gzip.BadGzipFile) or "Not a gzipped file" in text:
+        return "not a gzip file, though its name ends in .gz"
+    if isinstance(err, zlib.error):
+        return f"corrupt gzip data ({text})"
+    if "Cannot work out file type" in text or "not a valid NIfTI" in text or "Unknown file type" in text:
+        return "not a NIfTI file"
+    if "Unable to determine ImageIO reader" in text:
+        return "not an MHA/MHD/NRRD/DICOM file SimpleITK can read"
+    if "cannot identify image file" in text:
+        return "not a PNG/JPEG image Pillow can read"
+    if isinstance(err, ValueError) and "buffer is smaller" in text or "requested" in text and "bytes" in text:
+        return f"truncated file: the data is shorter than its header says ({text[:160]})"
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+class _Unreadable:
+    """What :class:`FormatReader.read` returns for a file it cannot open: ``LoadImage`` then neither retries
+    every other reader (logging "unable to load" for each) nor loses the reason; ``get_data`` raises it."""
+
+    def __init__(self, path: str, error: DataError):
+        self.path, self.error = path, error
+
+
 def _check_suffix(reader: ImageReader, data) -> tuple[str, ...]:
     names = tuple(str(n) for n in ensure_tuple(data))
     if not reader.verify_suffix(names):
@@ -132,6 +197,11 @@ class SimpleITKReader(ImageReader):
     @staticmethod
     def _read_one(path: Path) -> sitk.Image:
         if not path.is_dir():
+            info = sitk.ImageFileReader()
+            info.SetFileName(str(path))
+            info.ReadImageInformation()
+            components = info.GetNumberOfComponents()
+            check_claimed_size(path, [*info.GetSize(), *([components] if components > 1 else [])], np.float32)
             return sitk.ReadImage(str(path))
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
         if not series:
@@ -184,6 +254,7 @@ class RasterReader(ImageReader):
         if split_name(path)[1] in TIFF_EXTENSIONS:
             with tifffile.TiffFile(path) as tif:
                 series = tif.series[0]
+                check_claimed_size(path, series.shape, series.dtype)
                 array, axes = series.asarray(), series.axes
             channel_axes = [i for i, a in enumerate(axes) if a in "CS"]
             if len(channel_axes) > 1:
@@ -211,14 +282,30 @@ class RasterReader(ImageReader):
         return _stacked(parts)
 
 
+class NiftiReader(NibabelReader):
+    """MONAI's ``NibabelReader`` minus ``correct_nifti_header_if_necessary``, which overwrites an sform whose
+    column norms differ from ``pixdim`` (a sheared sform, or one registered to a template) with the qform, so
+    labels came back up to 100+ mm off; and with the claimed size checked before the data is read."""
+
+    def read(self, data, **kwargs):
+        self.filenames = _check_suffix(self, data)
+        images = []
+        for name in self.filenames:
+            image = nib.load(name, **{**self.kwargs, **kwargs})
+            check_claimed_size(name, image.shape, image.get_data_dtype())
+            images.append(image)
+        return images if len(images) > 1 else images[0]
+
+
 class FormatReader(ImageReader):
-    """Dispatches each file to :class:`RasterReader`, :class:`SimpleITKReader` or MONAI's ``NibabelReader``
-    by extension, so ``LoadImage`` never tries (and logs) the wrong reader first."""
+    """Dispatches each file to :class:`RasterReader`, :class:`SimpleITKReader` or :class:`NiftiReader` by
+    extension, so ``LoadImage`` never tries (and logs) the wrong reader first; a file that cannot be read
+    fails with a :class:`DataError` saying why."""
 
     def __init__(self):
         super().__init__()
         # ours first: they match the whole extension, NibabelReader any name containing ".nii"
-        self.readers = (RasterReader(), SimpleITKReader(), NibabelReader())
+        self.readers = (RasterReader(), SimpleITKReader(), NiftiReader())
 
     def _pick(self, filename) -> ImageReader:
         names = ensure_tuple(filename)
@@ -235,11 +322,25 @@ class FormatReader(ImageReader):
 
     def read(self, data, **kwargs):
         reader = self._pick(data)
-        return reader, reader.read(data, **kwargs)
+        name = ", ".join(map(str, ensure_tuple(data)))
+        try:
+            return reader, reader.read(data, **kwargs)
+        except DataError as err:
+            return reader, _Unreadable(name, err)
+        except Exception as err:  # each library raises its own types for a corrupt file
+            return reader, _Unreadable(name, DataError(name, f"cannot read: {unreadable_reason(err)}"))
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         reader, obj = img
-        return reader.get_data(obj)
+        if isinstance(obj, _Unreadable):
+            raise obj.error
+        try:
+            return reader.get_data(obj)
+        except DataError:
+            raise
+        except Exception as err:  # nibabel reads lazily: a truncated stream shows up here
+            names = ", ".join(map(str, getattr(reader, "filenames", ()) or ()))
+            raise DataError(names or "image", f"cannot read: {unreadable_reason(err)}") from err
 
 
 def image_readers() -> list:
@@ -266,15 +367,17 @@ def load_image(path_or_paths) -> MetaTensor:
     for p in paths:
         if not p.exists():
             raise DataError(p, "file not found")
+    reader = FormatReader()
     try:
-        reader = FormatReader()._pick(paths)
+        reader._pick(paths)
     except ValueError as err:
         raise DataError(paths[0], str(err)) from None
     try:
         return LoadImage(image_only=True, ensure_channel_first=True)([str(p) for p in paths], reader=reader)
-    except Exception as err:  # each library raises its own types for a corrupt file; all mean "unreadable"
-        lines = str(err).strip().splitlines()
-        raise DataError(paths[0], f"cannot read ({type(err).__name__}): {lines[-1] if lines else ''}") from err
+    except DataError:
+        raise
+    except Exception as err:  # stacking files of different shapes, odd arrays: all mean "unusable"
+        raise DataError(paths[0], f"cannot read: {unreadable_reason(err)}") from err
 
 
 def spacing_of(meta_or_tensor) -> tuple[float, ...]:

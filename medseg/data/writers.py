@@ -110,14 +110,42 @@ def _ras_affine(meta: dict, rank: int) -> np.ndarray:
     return orientation_ras_lps(affine) if str(meta.get(MetaKeys.SPACE, "RAS")) == SpaceKeys.LPS else affine
 
 
+_NIFTI_FORM_FIELDS = ("quatern_b", "quatern_c", "quatern_d", "qoffset_x", "qoffset_y", "qoffset_z",
+                      "srow_x", "srow_y", "srow_z", "qform_code", "sform_code", "pixdim")
+
+
+def _source_nifti_forms(meta: dict, affine: np.ndarray) -> nib.Nifti1Header | None:
+    """The source NIfTI's qform and sform fields, when ``meta`` came from a NIfTI whose affine (the sform when
+    coded, else the qform) is still ``affine``: the same voxel grid, so both forms carry over exactly."""
+    if not all(key in meta for key in _NIFTI_FORM_FIELDS):
+        return None
+    header = nib.Nifti1Header()
+    try:
+        for key in _NIFTI_FORM_FIELDS:
+            header[key] = convert_to_numpy(meta[key])
+        if MetaKeys.ORIGINAL_PIXDIM in meta:  # MONAI's spatial transforms rewrite "pixdim" from the sform's scales
+            header["pixdim"] = convert_to_numpy(meta[MetaKeys.ORIGINAL_PIXDIM])
+        source = header.get_best_affine()
+    except (ValueError, TypeError, nib.spatialimages.HeaderDataError):
+        return None
+    return header if np.allclose(source, affine, atol=1e-4) else None
+
+
 def _write_nifti(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
     affine = _ras_affine(meta, 3)
     volume = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # NIfTI keeps channels last
     if array.shape[0] > 1 and array.ndim == 3:  # a singleton z, or the channels would read as a 3rd axis
         volume = volume[:, :, None]
-    image = nib.Nifti1Image(volume, affine)
-    image.set_qform(affine, code=int(meta.get("qform_code", 1)))
-    image.set_sform(affine, code=int(meta.get("sform_code", 1)))
+    source = _source_nifti_forms(meta, affine)
+    if source is None:  # another format, or a new grid: the affine is both forms
+        image = nib.Nifti1Image(volume, affine)
+        image.set_qform(affine, code=int(meta.get("qform_code", 1)))
+        image.set_sform(affine, code=int(meta.get("sform_code", 1)))
+    else:  # the source's qform and sform, each with its code, bit for bit (a qform cannot hold an sform's shear)
+        image = nib.Nifti1Image(volume, None)
+        for key in _NIFTI_FORM_FIELDS[:-1]:
+            image.header[key] = source[key]
+        image.header["pixdim"][:4] = source["pixdim"][:4]  # qfac and voxel sizes; pixdim[4:] is not geometry
     image.header.set_xyzt_units("mm")
     nib.save(image, tmp)
 
