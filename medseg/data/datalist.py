@@ -11,8 +11,13 @@ lists when present, else from scanning the folders; ``<case>_0000``-style files 
 ``labels`` (nnU-Net ``name -> id`` or MSD ``"id" -> name``), ``channel_names`` or ``modality``,
 ``file_ending``, ``numTraining`` and our ``label_kind`` (``"semantic"`` or ``"instance"``).
 
-Hidden files (``.DS_Store``, ``._x.nii.gz``) and non-image files are listed in ``skipped``; every other
-oddity becomes a :class:`Problem`, one per fault, so a check can report them all at once.
+Hidden files (``.DS_Store``, ``._x.nii.gz``) and non-image files are listed in ``skipped`` (also in the folders
+of a dataset.json that lists its cases); every other oddity becomes a :class:`Problem`, one per fault, so a check
+can report them all at once.
+
+Nothing outside the dataset folder is read: a listed entry (image, label, or a ``_0000`` channel file found for
+a listed image) or a scanned file that resolves outside it (``../``, an absolute path, a symlink leading out) is
+an error naming the entry, and it is never opened.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.data.readers import is_image_path, split_name
+from medseg.data.readers import IMAGE_EXTENSIONS, is_image_path, split_name
 from medseg.errors import DataError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -123,6 +128,9 @@ def _scan(folder: Path, info: DatasetInfo) -> dict[str, Path | None]:
         if not is_image_path(path):
             info.skipped.append(path)
             continue
+        if _outside(info.root, path):
+            info.error(path, f"resolves outside the dataset folder ({path.resolve()}); not read")
+            continue
         name, ext = split_name(path)
         if info.file_ending and ext and ext != info.file_ending:
             info.warning(path, f"ignored: its ending '{ext}' is not dataset.json file_ending '{info.file_ending}'")
@@ -201,8 +209,24 @@ def _discover_folders(info: DatasetInfo) -> DatasetInfo:
     return info
 
 
+def _outside(root: Path, path: Path) -> bool:
+    """``path`` (symlinks followed, ``..`` collapsed) is not under ``root``; nothing is opened."""
+    return not path.resolve().is_relative_to(root.resolve())
+
+
+def _skipped_in(folders: list[Path], info: DatasetInfo) -> None:
+    """Hidden and non-image entries of the folders a case list points into, listed as a scan would list them."""
+    for folder in folders:
+        if folder.is_dir():
+            info.skipped += [p for p in sorted(folder.iterdir()) if not is_image_path(p)]
+
+
 def _discover_msd(spec_path: Path, spec: dict, info: DatasetInfo) -> DatasetInfo:
     root = info.root
+    if "training" in spec or "test" in spec:
+        listed = [k for k in ("training", "test") if k in spec]
+        _skipped_in([root / f for k in listed for f in (("imagesTr", "labelsTr") if k == "training"
+                                                         else ("imagesTs", "labelsTs"))], info)
     if "training" in spec:
         info.cases = _listed(spec_path, spec, "training", info)
     else:
@@ -281,8 +305,20 @@ def _listed(spec_path: Path, spec: dict, key: str, info: DatasetInfo) -> list[Ca
         listed = [listed] if isinstance(listed, str) else listed
         if not (isinstance(listed, list) and listed and all(isinstance(p, str) for p in listed)):
             raise DataError(spec_path, f'{key}[{i}]: expected {{"image": path, "label": path}}, got {item!r}')
-        files = [f for p in listed for f in _listed_image(info.root / p)]
+        entries = [(f"{key}[{i}].image", p) for p in listed]
+        if isinstance(item.get("label"), str):
+            entries.append((f"{key}[{i}].label", item["label"]))
+        escaped = [(where, f"{p}'") for where, p in entries if _outside(info.root, info.root / p)]
+        files = [f for p in listed for f in _listed_image(info.root / p)] if not escaped else []
+        escaped += [(f"{key}[{i}].image", f"{listed[0]}' (channel file '{f.name}')") for f in files
+                    if _outside(info.root, f)]
+        if escaped:
+            where, entry = escaped[0]
+            info.error(spec_path, f"{where} '{entry} resolves outside the dataset folder {info.root}; "
+                                  "not read (entries must stay under it)")
+            continue
         label = info.root / item["label"] if isinstance(item.get("label"), str) else None
+        _note_other_endings(files + ([label] if label else []), key, i, info)
         name = split_name(label if label is not None else info.root / listed[0])[0]
         if label is None and len(listed) > 1 and (match := _CHANNEL.match(name)):
             name = match["case"]
@@ -300,6 +336,18 @@ def _listed(spec_path: Path, spec: dict, key: str, info: DatasetInfo) -> list[Ca
         seen.add(name)
         cases.append(Case(name, files, label))
     return cases
+
+
+def _note_other_endings(files: list[Path], key: str, index: int, info: DatasetInfo) -> None:
+    """A listed ``x.nii.gz`` with an ``x.nii`` (or ``x.mha``...) beside it: one of them is not what the user
+    thinks; both are named, the listed one is used."""
+    for path in files:
+        stem, ext = split_name(path)
+        others = [path.with_name(stem + e) for e in IMAGE_EXTENSIONS if e != ext]
+        for other in others:
+            if other.exists():
+                info.warning(other, f"same case name as {path.name}, listed in dataset.json {key}[{index}]; "
+                                    f"{other.name} is not used")
 
 
 def _listed_image(path: Path) -> list[Path]:
