@@ -393,6 +393,7 @@ class TrainConfig(_Section):
     val_every: int = Field(1, gt=0)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    ddp_timeout: float = Field(1800.0, gt=0.0)  # seconds a DDP collective may wait for the other processes
 
 
 class InferenceConfig(_Section):

@@ -57,3 +57,15 @@ class InvalidArguments(ValueError):
         self.owner = owner
         self.problems = dict(problems)
         super().__init__(f"{owner}: " + "; ".join(f"{name}: {message}" for name, message in self.problems.items()))
+
+
+def find_cause(err: BaseException | None) -> MedsegError | None:
+    """The :class:`MedsegError` behind ``err``, following ``__cause__``/``__context__`` (MONAI wraps every error
+    raised inside a transform in ``RuntimeError("applying transform ...")``); None when there is none."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, MedsegError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

@@ -139,6 +139,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
     p.add_argument("--instances", action="store_true", help="also write instance maps (cell models)")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output already exists")
+    p.add_argument("--nonfinite", choices=("error", "replace"), default="error",
+                   help="scans with NaN/Inf voxels: fail the case (default), or replace NaN and -Inf by the scan's "
+                        "lowest finite value and +Inf by its highest (recorded as a warning in the manifest)")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for runs:/ and models:/ models")
 
 
@@ -224,12 +227,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from medseg.errors import MedsegError
+    from medseg.errors import find_cause
 
     try:
         return _run(args)
-    except MedsegError as err:
-        for line in str(err).splitlines():
+    except Exception as err:
+        cause = find_cause(err)  # also the user error behind a wrapper (MONAI's "applying transform ...")
+        if cause is None:
+            raise
+        for line in str(cause).splitlines():
             print(f"medseg {args.command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

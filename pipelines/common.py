@@ -4,6 +4,8 @@ and the metadata a trained model carries so prediction needs no config."""
 from __future__ import annotations
 
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,8 @@ import monai.transforms as T
 
 from medseg.config import ExperimentConfig, read_config, validate_config
 from medseg.data.datalist import DatasetInfo, discover
-from medseg.data.readers import load_transforms
+from medseg.data.readers import load_image, load_transforms
+from medseg.data.sanity import ValidateImaged
 from medseg.errors import ConfigError, DataError
 from medseg.nets import check_network
 from medseg.transforms.presets import (
@@ -78,10 +81,34 @@ def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInf
     return cfg, dataset
 
 
-def _preprocessing(cfg: ExperimentConfig) -> list:
-    """load -> [resample to data.spacing] -> normalise, semantic target (+ border class, weight map)."""
+def ensure_writable(folder: Path, what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written in it, before any compute depends on it.
+
+    Raises:
+        DataError: naming the folder and the system's reason (read-only, a file in the way, no permission...).
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".medseg-write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise DataError(folder, f"cannot write the {what} folder here: {err.strerror or err}") from None
+    return folder
+
+
+def expected_channels(info: DatasetInfo) -> int:
+    """The channel count of the first training case: every other case must have as many (the model's input)."""
+    return int(load_image(info.cases[0].images).shape[0])
+
+
+def _preprocessing(cfg: ExperimentConfig, in_channels: int | None = None) -> list:
+    """load -> check (finite, invertible affine, channels) -> [resample to data.spacing] -> normalise, semantic
+    target (+ border class, weight map)."""
     keys = ("image", "label")
     chain = list(load_transforms(keys))
+    chain.append(ValidateImaged(("image",), in_channels=in_channels))  # training refuses NaN/Inf scans
     if cfg.data.spacing is not None:
         chain.append(T.Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=("bilinear", "nearest")))
     chain.append(
@@ -96,13 +123,13 @@ def _preprocessing(cfg: ExperimentConfig) -> list:
     return chain
 
 
-def training_transform(cfg: ExperimentConfig) -> T.Compose:
+def training_transform(cfg: ExperimentConfig, in_channels: int | None = None) -> T.Compose:
     """load -> [resample] -> normalise, labels (+ border class, weight map) -> pad -> patch -> augment.
 
     Everything before the patch sampling is deterministic and cached by CacheDataset; the rest is drawn anew for
     every sample. Patches are centred on foreground with probability ``transforms.foreground_ratio``.
     """
-    return T.Compose(_preprocessing(cfg) + sampling_and_augmentation(cfg))
+    return T.Compose(_preprocessing(cfg, in_channels) + sampling_and_augmentation(cfg))
 
 
 def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
@@ -126,14 +153,17 @@ def preprocessing_transform(cfg: ExperimentConfig) -> T.Compose:
     return T.Compose(_preprocessing(cfg))
 
 
-def validation_transform(cfg: ExperimentConfig) -> T.Compose:
+def validation_transform(cfg: ExperimentConfig, in_channels: int | None = None) -> T.Compose:
     """Whole cases, deterministic: load -> [resample] -> normalise, semantic label."""
-    return T.Compose(_preprocessing(cfg) + [T.SelectItemsd(keys=["image", "label", "case"])])
+    return T.Compose(_preprocessing(cfg, in_channels) + [T.SelectItemsd(keys=["image", "label", "case"])])
 
 
-def prediction_transform(meta: dict[str, Any]) -> T.Compose:
-    """What prediction applies to a scan, rebuilt from a model's metadata (no config needed)."""
+def prediction_transform(meta: dict[str, Any], nonfinite: str = "error") -> T.Compose:
+    """What prediction applies to a scan, rebuilt from a model's metadata (no config needed); a scan that is
+    not finite (unless ``nonfinite="replace"``), has a degenerate affine or the wrong channel count fails here,
+    before any compute."""
     chain = list(load_transforms(("image",)))
+    chain.append(ValidateImaged(("image",), in_channels=meta.get("in_channels"), nonfinite=nonfinite))
     if meta.get("spacing") is not None:
         chain.append(T.Spacingd(keys=("image",), pixdim=meta["spacing"], mode="bilinear"))
     chain.append(build_normalization(meta["normalize"]))

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
+import os
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -21,16 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.data.readers import is_hidden, is_image_path, split_name
+from medseg.data.readers import IMAGE_EXTENSIONS, is_hidden, is_image_path, split_name
 from medseg.data.writers import write_image
 from medseg.engine import distributed as dist
-from medseg.engine.checkpoint import load_checkpoint
+from medseg.engine.checkpoint import load_checkpoint, load_weights
 from medseg.ensemble import ProbabilityEnsemble, check_members
-from medseg.errors import ConfigError, DataError, MedsegError
+from medseg.errors import ConfigError, DataError, find_cause
 from medseg.inference import SlidingWindowPredictor
 from medseg.nets import build_network
 from medseg.postprocess import cell_instances, probabilities_to_labels
-from pipelines.common import prediction_transform
+from pipelines.common import ensure_writable, prediction_transform
 from pipelines.progress import Progress
 
 log = logging.getLogger("medseg.predict")
@@ -45,6 +48,7 @@ class CaseRecord:
     seconds: float = 0.0
     status: str = "pending"  # ok | skipped | failed
     error: str = ""
+    warning: str = ""  # e.g. non-finite voxels replaced (--nonfinite replace)
 
 
 def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -77,7 +81,7 @@ def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[to
         meta["model"]["name"], meta["model"]["params"], spatial_dims=meta["spatial_dims"],
         in_channels=meta["in_channels"], num_classes=len(meta["classes"]),
     )
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path, what=f"the {meta['model']['name']} its metadata describes")
     return model.eval(), meta
 
 
@@ -125,10 +129,11 @@ class Predictor:
     """Predicts one scan: preprocess as in training, sliding window, back to the input's geometry, write."""
 
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool | None,
-                 overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool):
+                 overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool,
+                 nonfinite: str = "error"):
         inf = meta.get("inference", {})
         self.meta = meta
-        self.transform = prediction_transform(meta)
+        self.transform = prediction_transform(meta, nonfinite=nonfinite)
         self.window = SlidingWindowPredictor(
             model.to(device), meta["patch_size"], len(meta["classes"]),
             overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
@@ -178,15 +183,17 @@ class Predictor:
 def predict_batch(
     model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
     tta: bool | None = None, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
-    probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True,
+    probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True, nonfinite: str = "error",
 ) -> list[CaseRecord]:
     """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong.
 
-    ``tta``, ``overlap`` and ``sw_batch_size`` left at None take the model's ``inference`` settings.
+    ``tta``, ``overlap`` and ``sw_batch_size`` left at None take the model's ``inference`` settings. A scan with
+    NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
+    degenerate affine or the wrong channel count fails when loaded, before any compute.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
-                       instances=instances, probabilities=probabilities)
+                       instances=instances, probabilities=probabilities, nonfinite=nonfinite)
     records = [CaseRecord(output_path(s, out_dir).name.split(".")[0], str(s), str(output_path(s, out_dir)))
                for s in scans]
     todo = []
@@ -209,6 +216,9 @@ def predict_batch(
             try:
                 data = loads.pop(id(rec)).result()
                 rec.shape = "x".join(map(str, data["image"].shape[1:]))
+                rec.warning = "; ".join(data.get("warnings", []))
+                if rec.warning:
+                    log.warning("%s", rec.warning)
                 if i == 0:
                     est = engine.window.estimate_memory(list(data["image"].shape))
                     log.info("memory estimate for %s: %.1f MiB", rec.case, est.get("total", 0) / 2**20)
@@ -231,7 +241,8 @@ def predict_batch(
 
 
 def _reason(err: Exception) -> str:
-    return str(err) if isinstance(err, MedsegError) else f"{type(err).__name__}: {err}"
+    cause = find_cause(err)  # the user-facing error behind MONAI's "applying transform <...>" wrapper
+    return str(cause) if cause is not None else f"{type(err).__name__}: {err}"
 
 
 def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
@@ -241,33 +252,54 @@ def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
         dtype = np.uint16 if inst.max(initial=0) < 65536 else np.uint32
         write_image(inst.astype(dtype), output_path(scan, out_dir, "_instances"), meta=meta)
     if "probabilities" in result:
-        target = out_dir / f"{rec.case}_probabilities.npz"
-        tmp = target.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, probabilities=result["probabilities"])
-        tmp.replace(target)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, probabilities=result["probabilities"])
+        _atomic_bytes(out_dir / f"{rec.case}_probabilities.npz", buffer.getvalue())
     write_image(result["labels"], Path(rec.output), meta=meta)  # written last: its presence means "done"
 
 
-def remove_stale_temporaries(out_dir: Path) -> None:
-    """Hidden ``.<name>.*.tmp`` folders that atomic writes of a killed run left behind."""
-    import shutil
+def _atomic_bytes(target: Path, data: bytes) -> None:
+    """Write ``data`` to a hidden ``.<name>.<pid>.tmp`` beside ``target``, then rename it over ``target``."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
-    if out_dir.is_dir():
-        for tmp in out_dir.glob(".*.tmp"):
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.info("removed %s, left by an interrupted run", tmp)
+
+def remove_stale_temporaries(out_dir: Path) -> None:
+    """What the writes of a killed run left behind, and nothing else: the hidden ``.<name>.<token>.tmp``
+    folders of image writes, the hidden ``.<name>.<pid>.tmp`` files of probabilities and manifests, and the
+    ``<case>_probabilities.tmp.npz`` files of earlier versions. Other files, hidden or not, stay."""
+    if not out_dir.is_dir():
+        return
+    for tmp in [*out_dir.glob(".*.tmp"), *out_dir.glob("*_probabilities.tmp.npz")]:
+        name = tmp.name
+        ours = name.endswith("_probabilities.tmp.npz") or (
+            tmp.is_dir() and split_name(name[1:].rsplit(".", 2)[0])[1] in IMAGE_EXTENSIONS
+        ) or (tmp.is_file() and name[1:].rsplit(".", 2)[0].endswith(("_probabilities.npz", ".json", ".csv")))
+        if not ours:
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        log.info("removed %s, left by an interrupted run", tmp)
 
 
 def write_manifest(records: list[CaseRecord], out_dir: Path, skipped_inputs: list[Path], name: str) -> Path:
     rows = [asdict(r) for r in records]
-    (out_dir / f"{name}.json").write_text(
-        json.dumps({"cases": rows, "skipped_inputs": [str(p) for p in skipped_inputs]}, indent=2)
-    )
-    with open(out_dir / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else list(CaseRecord.__annotations__))
-        writer.writeheader()
-        writer.writerows(rows)
+    document = {"cases": rows, "skipped_inputs": [str(p) for p in skipped_inputs]}
+    _atomic_bytes(out_dir / f"{name}.json", json.dumps(document, indent=2).encode())
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]) if rows else list(CaseRecord.__annotations__))
+    writer.writeheader()
+    writer.writerows(rows)
+    _atomic_bytes(out_dir / f"{name}.csv", table.getvalue().encode())
     return out_dir / f"{name}.json"
 
 
@@ -280,6 +312,8 @@ def run_predict_cli(args: argparse.Namespace) -> int:
     if dist_info.device.type == "cpu":
         torch.set_flush_denormal(True)  # see pipelines/train.py
     try:
+        if dist_info.is_main:
+            ensure_writable(args.output, "--output")  # before any compute, not on the manifest at the end
         model, meta = load_models(args.model, args.tracking_uri)
         scans, skipped = list_inputs(args.input)
         if dist_info.is_main:
@@ -294,7 +328,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
         records = predict_batch(
             model, meta, mine, args.output, device=dist_info.device, tta=args.tta, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
-            skip_existing=args.skip_existing, show_progress=dist_info.is_main,
+            skip_existing=args.skip_existing, show_progress=dist_info.is_main, nonfinite=args.nonfinite,
         )
         name = "manifest" if not dist_info.enabled else f"manifest_rank{dist_info.rank}"
         write_manifest(records, args.output, skipped if dist_info.is_main else [], name)

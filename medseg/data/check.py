@@ -6,6 +6,7 @@ the comparisons that would otherwise repeat it.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from monai.data.utils import to_affine_nd
 
 from medseg.data.datalist import Case, DatasetInfo, Problem, discover
 from medseg.data.readers import load_image
+from medseg.data.sanity import channel_description, geometry_problem, nonfinite_counts, nonfinite_message
 from medseg.errors import DataError
 
 
@@ -47,10 +49,11 @@ class CheckReport:
 def check_dataset(root_or_info, *, label_values: set[int] | None = None, geometry_tol: float = 1e-3) -> CheckReport:
     """Check a dataset folder (or what :func:`discover` found in it).
 
-    Reports discovery problems (missing labels, orphan labels, duplicate names...), then per case: empty
-    (0-byte or zero-size) and unreadable files, NaN/Inf, spatial shape or geometry (spacing, origin,
-    direction) that differ between the channels and the label, and label values that are not integers or
-    not allowed.
+    Reports discovery problems (missing labels, orphan labels, duplicate names, entries outside the folder...),
+    then per case: empty (0-byte or zero-size) and unreadable files, NaN/Inf, a degenerate affine (zero
+    spacing, collinear axes), spatial shape or geometry (spacing, origin, direction) that differ between the
+    channels and the label, and label values that are not integers or not allowed; across cases: a channel
+    count that differs from the other cases or from ``channel_names``, and labels that are all background.
 
     Args:
         root_or_info: dataset folder, its ``dataset.json``, or a :class:`DatasetInfo`.
@@ -70,22 +73,54 @@ def check_dataset(root_or_info, *, label_values: set[int] | None = None, geometr
         allowed = None
     problems = list(info.problems)
     cases = info.cases + info.test_cases
+    seen = _Seen()
     for case in cases:
-        problems += _check_case(case, allowed, geometry_tol)
+        problems += _check_case(case, allowed, geometry_tol, seen)
+    problems += seen.problems(info)
     return CheckReport(info.root, len(cases), problems, list(info.skipped))
 
 
-def _check_case(case: Case, allowed: set[int] | None, tol: float) -> list[Problem]:
+class _Seen:
+    """What the cases showed that only makes sense across cases: channel counts, foreground in the labels."""
+
+    def __init__(self) -> None:
+        self.channels: dict[Path, tuple[int, str, bool]] = {}  # first file -> (count, how, several files)
+        self.labels = 0
+        self.foreground = 0
+
+    def problems(self, info: DatasetInfo) -> list[Problem]:
+        out = []
+        declared = len(info.channel_names)
+        usual = Counter(n for n, _, _ in self.channels.values()).most_common(1)
+        for path, (count, how, several) in self.channels.items():
+            if declared and count != declared and (several or not how.endswith("values per pixel")):
+                names = ", ".join(info.channel_names.values())
+                out.append(Problem("error", str(path), f"{count} channels ({how}); dataset.json channel_names "
+                                                       f"declares {declared} ({names})"))
+            elif usual and count != usual[0][0]:
+                out.append(Problem("error", str(path), f"{count} channels ({how}) where the other cases have "
+                                                       f"{usual[0][0]}"))
+        if self.labels and not self.foreground:
+            out.append(Problem("warning", str(info.root), f"all {self.labels} label maps are background only (0): "
+                                                          "a model trained on them learns nothing (Dice 0)"))
+        return out
+
+
+def _check_case(case: Case, allowed: set[int] | None, tol: float, seen: _Seen) -> list[Problem]:
     problems: list[Problem] = []
     channels = []
     for path in case.images:
         image = _load(path, problems)
         if image is None:
             continue
-        n_nan, n_inf = int(torch.isnan(image).sum()), int(torch.isinf(image).sum())
+        n_nan, n_inf = nonfinite_counts(image)
         if n_nan or n_inf:
-            problems.append(Problem("error", str(path), f"{n_nan} NaN and {n_inf} Inf values"))
+            problems.append(Problem("error", str(path), nonfinite_message(n_nan, n_inf)))
         channels.append((path, image))
+    if channels and len(channels) == len(case.images):
+        count = sum(int(image.shape[0]) for _, image in channels)
+        how = f"{len(channels)} channel files" if len(channels) > 1 else channel_description(channels[0][1])
+        seen.channels[case.images[0]] = (count, how, len(channels) > 1)
     for path, image in channels[1:]:
         _compare(path, image, *channels[0], tol, problems)
     if case.label is None:
@@ -98,6 +133,8 @@ def _check_case(case: Case, allowed: set[int] | None, tol: float) -> list[Proble
         message = f"a label map has 1 channel, this one has {label.shape[0]}"
     if message:
         problems.append(Problem("error", str(case.label), message))
+    seen.labels += 1
+    seen.foreground += bool(torch.any(label != 0))
     if channels:
         _compare(case.label, label, *channels[0], tol, problems)
     return problems
@@ -117,6 +154,10 @@ def _load(path: Path, problems: list[Problem]) -> MetaTensor | None:
         shape = tuple(int(s) for s in image.meta.get("spatial_shape", image.shape[1:]))
         problems.append(Problem("error", str(path), f"empty image (no voxels, spatial shape {shape})"))
         return None
+    degenerate = geometry_problem(image.affine, image.ndim - 1)
+    if degenerate:
+        problems.append(Problem("error", str(path), degenerate))
+        return None  # its geometry cannot be compared with the others
     return image
 
 

@@ -62,6 +62,8 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> Path:
     Raises:
         TypeError: ``state`` holds something ``torch.load(weights_only=True)`` would refuse, e.g. a NumPy
             scalar or array; the message names its key path. Nothing is written then.
+        DataError: the write failed (disk full, file-size limit, I/O error): names ``path`` and the system's
+            reason. The temporary file is removed and a previous checkpoint at ``path`` is left intact.
     """
     path = Path(path)
     _check_plain(state, "state")
@@ -77,13 +79,43 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         # BaseException: a KeyboardInterrupt during a long save must not leave the temporary file either.
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(err, (OSError, RuntimeError)):  # torch reports a failed write as "[enforce fail at ...]"
+            raise DataError(path, f"cannot save the checkpoint: {_write_failure(err, path.parent)}; "
+                                  "the previous checkpoint, if any, is unchanged") from err
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def load_weights(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], source, what: str = "the model") -> None:
+    """``model.load_state_dict(weights)`` (strict), failing with one line that names ``source`` and the first
+    tensor that does not fit, instead of torch's list of every mismatch.
+
+    Raises:
+        DataError: a tensor missing from ``weights``, one the model does not have, or one of another shape.
+    """
+    own = model.state_dict()
+    problem = None
+    for key, tensor in weights.items():
+        if key not in own:
+            problem = f"unexpected tensor '{key}' (the checkpoint has it, the model does not)"
+        elif tuple(own[key].shape) != tuple(tensor.shape):
+            problem = (f"size mismatch for '{key}': checkpoint {list(tensor.shape)}, "
+                       f"model {list(own[key].shape)}")
+        if problem:
+            break
+    else:
+        missing = [key for key in own if key not in weights]
+        if missing:
+            problem = f"missing tensor '{missing[0]}' (+{len(missing) - 1} more)" if len(missing) > 1 else (
+                f"missing tensor '{missing[0]}'")
+    if problem:
+        raise DataError(source, f"weights do not fit {what}: {problem}")
+    model.load_state_dict(weights)
 
 
 def load_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
@@ -222,6 +254,32 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_failure(err: BaseException, folder: Path) -> str:
+    """The system's reason behind a failed write: the ``OSError`` torch's error hides in its context, else what
+    the file system and the process limits say."""
+    seen = set()
+    cause: BaseException | None = err
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{cause.strerror} (errno {cause.errno})"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    reasons = []
+    with contextlib.suppress(OSError):
+        free = os.statvfs(folder)
+        if free.f_bavail * free.f_frsize < 1 << 20:
+            reasons.append("the disk is full")
+    try:
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY:
+            reasons.append(f"the process may write files of at most {limit} bytes (ulimit -f)")
+    except (ImportError, OSError, ValueError):  # not POSIX
+        pass
+    return " or ".join(reasons) or f"write failed ({_first_line(err)})"
 
 
 def _unpickler_reason(err: Exception) -> str:

@@ -6,6 +6,10 @@ through the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR
 torchrun it returns a single-process :class:`DistInfo` and every helper here is a cheap no-op, so the
 training code calls them unconditionally.
 
+Faults: every collective has a timeout (``train.ddp_timeout``), so a process that stalls or dies ends the job
+with a :class:`CollectiveTimeout` naming the setting instead of leaving the others waiting forever; and every
+worker asks the kernel for SIGTERM when its parent (torchrun) dies, so a killed torchrun leaves no orphans.
+
 Example:
     >>> info = init_distributed("auto")
     >>> try:
@@ -17,19 +21,32 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import datetime
 import logging
 import os
+import signal
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, MedsegError
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 1800.0
+"""A collective that waits longer fails the job (rank 0 validating alone must fit in it)."""
+
+
+class CollectiveTimeout(MedsegError, RuntimeError):
+    """A collective operation did not complete: another process stalled, died or left early."""
 
 
 @dataclass(frozen=True)
@@ -56,12 +73,13 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
+def init_distributed(device: str = "auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the torchrun process group, or describe a single process when not launched by torchrun.
 
     Args:
         device: ``"auto"`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``"cuda"``,
             ``"cuda:N"`` (single process only) or ``"cpu"``.
+        timeout_s: how long a collective may wait for the other processes before it fails.
 
     Returns:
         This process's :class:`DistInfo`. On CUDA the process's current device is set to it.
@@ -82,12 +100,14 @@ def init_distributed(device: str = "auto") -> DistInfo:
         return DistInfo(0, 1, 0, torch_device, enabled=False)
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of PyTorch")
+    _die_with_parent()
+    timeout = datetime.timedelta(seconds=timeout_s)
     if not dist.is_initialized():
         if torch_device.type == "cuda":
             # device_id binds the communicator to our GPU, so collectives never guess a device.
-            dist.init_process_group("nccl", device_id=torch_device)
+            dist.init_process_group("nccl", device_id=torch_device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
         log.info("process group %s: rank %d of %d on %s", dist.get_backend(), rank, world_size, torch_device)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, torch_device, enabled=True)
 
@@ -96,6 +116,21 @@ def cleanup_distributed() -> None:
     """Leave the process group, if there is one (safe to call in every process, and twice)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def collective_errors(info: DistInfo, setting: str = "train.ddp_timeout") -> Iterator[None]:
+    """Turn a failed collective (timeout, a peer gone) into a :class:`CollectiveTimeout` naming ``setting``."""
+    try:
+        yield
+    except dist.DistError as err:
+        if not info.enabled:
+            raise
+        reason = " ".join(str(err).split())[:200]
+        raise CollectiveTimeout(
+            f"rank {info.rank} of {info.world_size}: a collective operation failed, another process stalled, died "
+            f"or stopped early (the wait is bounded by {setting}): {reason}"
+        ) from None
 
 
 def all_reduce_mean(value: float | torch.Tensor, info: DistInfo) -> float:
@@ -143,6 +178,17 @@ def shard(items: list[T], info: DistInfo) -> list[T]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this process when its parent dies (torchrun killed with SIGKILL cannot forward signals)."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _env_int(name: str, default: int) -> int:

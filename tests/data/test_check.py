@@ -118,7 +118,7 @@ def test_geometry_tolerance(tmp_path):
     save_nifti(tmp_path / "images/a.nii.gz", np.zeros(SHAPE, np.float32), SPACING)
     shifted = SPACING.copy()
     shifted[0, 3] = 1e-5
-    save_nifti(tmp_path / "labels/a.nii.gz", np.zeros(SHAPE, np.uint8), shifted)
+    save_nifti(tmp_path / "labels/a.nii.gz", np.ones(SHAPE, np.uint8), shifted)  # foreground: no warning
     assert check_dataset(tmp_path).problems == []
     (problem,) = check_dataset(tmp_path, geometry_tol=1e-7).problems
     assert "origin" in problem.message
