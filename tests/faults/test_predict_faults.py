@@ -140,7 +140,7 @@ def test_checkpoint_weights_that_do_not_fit_its_metadata(trained, tmp_path, mode
     _good(inp)
     ckpt = _mismatched(trained, tmp_path, **model)
     res = _predict(ckpt, inp, tmp_path / "out")
-    text = assert_clean_failure(res, 2, "mismatched.pt", "does not fit")
+    text = assert_clean_failure(res, 2, "mismatched.pt", "do not fit")
     assert len([line for line in text.splitlines() if "error" in line]) == 1, text
     assert "size mismatch" in text or "missing" in text or "unexpected" in text
 
