@@ -21,7 +21,13 @@ from medseg.config import ExperimentConfig, config_to_dict, dump_config
 from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch
 from medseg.engine import distributed as dist
-from medseg.engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from medseg.engine.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    load_weights,
+    restore_rng_state,
+    save_checkpoint,
+)
 from medseg.engine.loop import StepSettings, evaluate, resolve_amp, train_one_epoch
 from medseg.engine.optim import build_optimizer, build_scheduler
 from medseg.errors import ConfigError, DataError
@@ -32,6 +38,8 @@ from medseg.nets import build_network
 from medseg.tracking import Tracker, environment_tags
 from pipelines.common import (
     dataset_fingerprint,
+    ensure_writable,
+    expected_channels,
     load_experiment,
     model_metadata,
     resolve_dataset,
@@ -142,18 +150,21 @@ class _State:
 
 def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train from a validated config. Returns where the run is and how it went."""
-    dist_info = dist.init_distributed(cfg.train.device)
+    dist_info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.ddp_timeout)
     try:
         output_dir = Path(output_dir or cfg.output_dir)
         if cfg.data.fold is not None:  # each fold its own run folder; the folder above gathers them (medseg cv)
             output_dir = fold_dir(output_dir, cfg.data.fold)
-        return _train(cfg, output_dir, resume, dist_info)
+        with dist.collective_errors(dist_info, "train.ddp_timeout"):
+            return _train(cfg, output_dir, resume, dist_info)
     finally:
         dist.cleanup_distributed()
 
 
 def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_info: dist.DistInfo) -> TrainResult:
     """The steps of a training run, in order."""
+    if dist_info.is_main:  # before any compute, not on config.yaml once the data is cached and the model built
+        ensure_writable(output_dir, "run")
     _set_up_torch(cfg, dist_info.device)
     cfg, data = _build_data(cfg, dist_info)
     parts = _build_components(cfg, data, dist_info)
@@ -194,9 +205,8 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     train_data = [records[i] for i in train_idx]
     val_data = [records[i] for i in val_idx]
     torch.manual_seed(cfg.experiment.seed)
-    train_ds = make_dataset(train_data, training_transform(cfg), cfg.data.cache, cfg.data.num_workers)
-    first = train_ds[0]
-    first = first[0] if isinstance(first, list) else first
+    in_channels = expected_channels(dataset)  # every case must have as many: a clear error names one that differs
+    train_ds = make_dataset(train_data, training_transform(cfg, in_channels), cfg.data.cache, cfg.data.num_workers)
     iterations = _iterations_per_epoch(cfg, len(train_data))
     loader = make_train_loader(
         train_ds,
@@ -210,11 +220,11 @@ def _build_data(cfg: ExperimentConfig, dist_info: dist.DistInfo) -> tuple[Experi
     )
     val_loader = None
     if val_data and dist_info.is_main:
-        val_ds = make_dataset(val_data, validation_transform(cfg), cfg.data.cache, cfg.data.num_workers)
+        val_ds = make_dataset(val_data, validation_transform(cfg, in_channels), cfg.data.cache, cfg.data.num_workers)
         val_loader = make_eval_loader(val_ds)
     class_names = sorted(cfg.data.classes, key=cfg.data.classes.get)
-    return cfg, _Data(dataset, class_names, len(train_data), len(val_data), int(first["image"].shape[0]),
-                      iterations, loader, val_loader)
+    return cfg, _Data(dataset, class_names, len(train_data), len(val_data), in_channels, iterations, loader,
+                      val_loader)
 
 
 def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) -> DiceWeightedCELoss:
@@ -268,7 +278,7 @@ def _build_components(cfg: ExperimentConfig, data: _Data, dist_info: dist.DistIn
 def _resume(path: Path, parts: _Components, device: torch.device) -> _State:
     """Load weights, optimiser, scheduler, scaler and random state from ``path``; return the run's state."""
     saved = load_checkpoint(path, map_location=device)
-    parts.model.load_state_dict(saved["model"])
+    load_weights(parts.model, saved["model"], path, what="the model of this config")
     parts.optimizer.load_state_dict(saved["optimizer"])
     parts.scheduler.load_state_dict(saved["scheduler"])
     parts.scaler.load_state_dict(saved["scaler"])
