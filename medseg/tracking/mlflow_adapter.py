@@ -24,9 +24,11 @@ from medseg.tracking.store import (
     TrackingError,
     artifact_location,
     before_mlflow_import,
+    bound_sqlite_waits,
     ensure_sqlite_folder,
     env_defaults,
     is_http,
+    is_locked,
     probe,
     reachable,
     resolve_tracking_uri,
@@ -87,6 +89,7 @@ class Tracker:
         self._client: Any = None
         self._experiment_id: str | None = None
         self._offline_until: float | None = None  # monotonic time of the next probe while offline
+        self._warned_locked = False
         self._ended = False
 
     @property
@@ -119,6 +122,7 @@ class Tracker:
 
         with env_defaults(START_LIMITS):
             try:
+                bound_sqlite_waits()
                 ensure_sqlite_folder(self.uri)
                 client = mlflow.MlflowClient(tracking_uri=self.uri)
                 run = self._resume(client) if self.run_id else self._create(client)
@@ -326,11 +330,19 @@ class Tracker:
             log.warning("MLflow server %s is back; run %s is tracked again (calls made meanwhile are in %s)",
                         self.uri, self.run_id, self.fallback_file)
         try:
-            with env_defaults(HEAVY_LIMITS if heavy else CALL_LIMITS):
+            # mlflow.store.db.utils logs each database error with its traceback; we report it in one line below
+            with env_defaults(HEAVY_LIMITS if heavy else CALL_LIMITS), quiet("mlflow.store.db.utils", 100):
                 return call()
         except Exception as err:  # tracking must never end a training; every failure is kept and reported
             self._record(what, record, short_error(err))
-            if reachable(self.uri):
+            if is_locked(err):  # another process holds the sqlite file: journal, retry later, warn once
+                self._offline_until = time.monotonic() + self.retry_every_s
+                if not self._warned_locked:
+                    self._warned_locked = True
+                    log.warning("MLflow store %s is locked by another process (%s). Training goes on; tracking "
+                                "calls are recorded in %s and the store is retried every %g s", self.uri,
+                                short_error(err), self.fallback_file, self.retry_every_s)
+            elif reachable(self.uri):
                 log.warning("MLflow %s failed for run %s (%s); recorded in %s", what, self.run_id, short_error(err),
                             self.fallback_file)
             else:

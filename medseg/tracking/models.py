@@ -89,16 +89,16 @@ def fluent_scope(uri: str, experiment_id: str | None = None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def quiet(logger_name: str) -> Iterator[None]:
-    """Silence a logger's warnings for one call (mlflow.pytorch warns about pickle, which we choose knowingly:
-    the safe "pt2" format needs an input example and a torch.export-able network)."""
+def quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
+    """Silence a logger below ``level`` for one call (mlflow.pytorch warns about pickle, which we choose
+    knowingly: the safe "pt2" format needs an input example and a torch.export-able network)."""
     logger = logging.getLogger(logger_name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    previous = logger.level
+    logger.setLevel(level)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        logger.setLevel(previous)
 
 
 def model_options(metadata: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,10 @@ CALL_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACK
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 HEAVY_LIMITS = {**CALL_LIMITS, "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
                 "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+# MLflow's sqlite sessions wait 20 s for a lock another process holds ("PRAGMA busy_timeout = 20000"), so a
+# locked store stalled training 20 s per call. Our connections give up after this many milliseconds instead.
+SQLITE_BUSY_MS = 1000
+_BUSY_PRAGMA = re.compile(r"^\s*PRAGMA\s+busy_timeout\s*=\s*\d+\s*;?\s*$", re.IGNORECASE)
 
 
 class TrackingError(MedsegError, RuntimeError):
@@ -75,6 +79,35 @@ def sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
     return Path(uri[len("sqlite:///"):]).absolute()
+
+
+def is_locked(err: BaseException) -> bool:
+    """The error of a store whose sqlite file another process holds locked."""
+    return "database is locked" in str(err) or "database table is locked" in str(err)
+
+
+def bound_sqlite_waits() -> None:
+    """Make every SQLite connection SQLAlchemy opens from now on (MLflow's store) wait at most
+    ``SQLITE_BUSY_MS`` for another process's lock, also where MLflow asks for 20 s per session."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    if not event.contains(Engine, "connect", _sqlite_busy_timeout):
+        event.listen(Engine, "connect", _sqlite_busy_timeout)
+        event.listen(Engine, "before_cursor_execute", _bounded_busy_pragma, retval=True)
+
+
+def _sqlite_busy_timeout(dbapi_connection, _record) -> None:
+    import sqlite3
+
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
+
+
+def _bounded_busy_pragma(conn, cursor, statement, parameters, context, executemany):
+    if conn.dialect.name == "sqlite" and _BUSY_PRAGMA.match(statement):
+        statement = f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}"
+    return statement, parameters
 
 
 def ensure_sqlite_folder(uri: str) -> None:
