@@ -123,8 +123,8 @@ def collective_errors(info: DistInfo, setting: str = "train.ddp_timeout") -> Ite
     """Turn a failed collective (timeout, a peer gone) into a :class:`CollectiveTimeout` naming ``setting``."""
     try:
         yield
-    except dist.DistError as err:
-        if not info.enabled:
+    except RuntimeError as err:
+        if not info.enabled or not _collective_failure(err):
             raise
         reason = " ".join(str(err).split())[:200]
         raise CollectiveTimeout(
@@ -178,6 +178,15 @@ def shard(items: list[T], info: DistInfo) -> list[T]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+# What gloo and NCCL say when a peer does not answer; gloo raises a plain RuntimeError, not a DistError.
+_COLLECTIVE_FAILURES = ("gloo/", "Timed out waiting", "Connection closed by peer", "Connection reset by peer",
+                        "NCCL", "Watchdog caught collective operation timeout")
+
+
+def _collective_failure(err: RuntimeError) -> bool:
+    return isinstance(err, dist.DistError) or any(text in str(err) for text in _COLLECTIVE_FAILURES)
 
 
 def _die_with_parent() -> None:

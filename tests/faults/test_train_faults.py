@@ -120,7 +120,7 @@ def test_sqlite_store_locked_mid_run(trained, tmp_path):
         locker.wait(timeout=60)
     assert train.returncode == 0, output
     assert "Traceback" not in output, output
-    warnings = [line for line in output.splitlines() if "locked" in line and "WARNING" in line]
+    warnings = [line for line in output.splitlines() if "is locked by another process" in line]
     assert len(warnings) == 1, output
     assert "tracking_fallback.jsonl" in warnings[0]
     journal = (tmp_path / "run" / "tracking_fallback.jsonl").read_text().splitlines()
