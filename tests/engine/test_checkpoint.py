@@ -184,8 +184,9 @@ def test_failure_during_save_keeps_the_previous_checkpoint_and_no_temp_file(tmp_
         raise OSError(28, "No space left on device")  # ... then the disk fills up
 
     monkeypatch.setattr(torch, "save", save_then_fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DataError, match="No space left on device") as err:  # names the path and the OS reason
         save_checkpoint(path, {"epoch": 2, "weights": torch.zeros(1000)})
+    assert err.value.path == str(path) and "previous checkpoint" in str(err.value)
 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     state = load_checkpoint(path)
