@@ -1,8 +1,8 @@
 """Instance representations at equal budget: ``border``, ``distance`` and ``flows`` on touching nuclei.
 
-    python benchmarks/instances.py                 # the README's budget (about 15 minutes on 2 busy CPU cores)
+    python benchmarks/instances.py                 # the README budget (20 min measured on 2 busy CPU cores)
     python benchmarks/instances.py --quick         # a smoke run (tiny budget: the scores mean nothing)
-    python benchmarks/instances.py --targets flows --epochs 20
+    python benchmarks/instances.py --targets flows --epochs 40
 
 One synthetic touching-nuclei set (:func:`medseg.data.synth.make_cells` with its default mix: about half the
 nuclei in clusters of 2-5 that touch with no background between them) is written once. For each
@@ -51,7 +51,7 @@ from pipelines.train import train
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cells.yaml"
 TARGETS = ("border", "distance", "flows")
 BUDGETS = {  # equal for every representation; the full one is what the README reports
-    "full": dict(n=24, n_test=6, size=(256, 256), epochs=16, steps=12, batch=4, repeats=5),
+    "full": dict(n=24, n_test=6, size=(256, 256), epochs=20, steps=12, batch=4, repeats=5),
     "quick": dict(n=6, n_test=2, size=(128, 128), epochs=1, steps=2, batch=2, repeats=1),
 }
 
