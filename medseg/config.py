@@ -61,6 +61,9 @@ class DataConfig(_Section):
     # Training classes, name -> id (0..K-1, background 0). None: from dataset.json (+ border for cells).
     classes: dict[str, int] | None = None
     instance_to_semantic: Literal["cell_border", "foreground"] = "cell_border"
+    # How instance labels are learned and split again: border | distance | flows (medseg.instances); its
+    # options are the `instances` section.
+    instance_target: str = "border"
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     val_cases: list[str] | None = None  # explicit validation case names (override val_fraction)
     cache: bool = True  # cache the deterministic part (load + normalise + weight map) in memory
@@ -405,6 +408,18 @@ class InferenceConfig(_Section):
     min_instance_size: int = Field(8, ge=0)
 
 
+class InstancesConfig(_Section):
+    """Options of the instance representation ``data.instance_target`` (instance datasets only)."""
+
+    border_width: int = Field(1, ge=1)  # thickness of the border class (cell_border), pixels
+    mse_weight: float = Field(1.0, ge=0.0)  # regression MSE (distance, flows)
+    msge_weight: float = Field(1.0, ge=0.0)  # mean squared gradient error (flows)
+    # Post-processing thresholds kept fixed (border: foreground; distance: foreground, marker; flows:
+    # foreground, slope); the others are tuned on the validation cases at the end of training.
+    postprocess: dict[str, float] = Field(default_factory=dict)
+    tune: bool = True  # tune the thresholds on validation (else the defaults, overridden by postprocess)
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
@@ -422,6 +437,7 @@ class ExperimentConfig(_Section):
     loss: LossConfig = Field(default_factory=LossConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    instances: InstancesConfig = Field(default_factory=InstancesConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")

@@ -140,7 +140,12 @@ class SlidingWindowPredictor:
             (deep supervision) element 0 is used. An ``nn.Module`` is put in eval mode and moved to
             ``device`` (and to channels-last when asked).
         patch_size: window size ``*P`` (2 or 3 values).
-        num_classes: ``K``, the model's output channels; ``K == 1`` means a sigmoid, otherwise softmax.
+        num_classes: ``K``, the model's class channels; ``K == 1`` means a sigmoid, otherwise softmax.
+        regression_channels: ``R`` more output channels after the classes (an instance representation's
+            distance or flow maps), blended as they are, without softmax; ``__call__`` returns ``K + R``
+            channels, labels come from the ``K`` class channels only.
+        vector_axes: per regression channel, the spatial axis it is a vector component along, or None for
+            a scalar; mirror TTA negates a component when its axis is flipped. ``None``: all scalars.
         overlap: fraction of the patch shared by neighbouring windows, in ``[0, 1)``.
         sw_batch_size: windows per model call.
         blend: ``"gaussian"`` (nnU-Net) or ``"constant"`` (plain average).
@@ -168,6 +173,8 @@ class SlidingWindowPredictor:
         patch_size: Sequence[int],
         num_classes: int,
         *,
+        regression_channels: int = 0,
+        vector_axes: Sequence[int | None] | None = None,
         overlap: float = 0.5,
         sw_batch_size: int = 4,
         blend: str = "gaussian",
@@ -205,6 +212,16 @@ class SlidingWindowPredictor:
             raise ValueError(f"tta_axes must be spatial axes in 0..{dims - 1}; received {tuple(tta_axes or ())}")
 
         self.num_classes = int(num_classes)
+        self.regression_channels = int(regression_channels)
+        vector_axes = [None] * self.regression_channels if vector_axes is None else list(vector_axes)
+        if self.regression_channels < 0 or len(vector_axes) != self.regression_channels or any(
+            a is not None and not 0 <= a < dims for a in vector_axes
+        ):
+            raise ValueError(
+                f"vector_axes must give one spatial axis (0..{dims - 1}) or None per regression channel "
+                f"({regression_channels}); received {vector_axes}"
+            )
+        self.vector_axes = vector_axes
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.blend = blend
@@ -253,11 +270,13 @@ class SlidingWindowPredictor:
             image: ``C *S`` (tensor or array of any real dtype; windows are cast to float32 one by one).
 
         Returns:
-            ``K *S`` probabilities (or blended logits) in ``accumulate_dtype`` on the stitch device.
+            ``K *S`` probabilities (or blended logits) in ``accumulate_dtype`` on the stitch device, followed
+            by the ``R`` blended regression channels.
         """
         spatial = self._check_image(image)
         stitch = self._resolve_stitch(image.shape)
-        out = torch.zeros((self.num_classes, *spatial), dtype=self.accumulate_dtype, device=stitch)
+        channels = self.num_classes + self.regression_channels
+        out = torch.zeros((channels, *spatial), dtype=self.accumulate_dtype, device=stitch)
         for _ in self._stream(image, stitch, slice(None), lambda start, stop: out[:, start:stop]):
             pass  # the slabs are views of out, final when yielded
         return out
@@ -278,8 +297,11 @@ class SlidingWindowPredictor:
         """
         spatial = self._check_image(image)
         stitch = self._resolve_stitch(image.shape, labels)
-        keep = slice(1, None) if labels and self._implied_background else slice(None)
-        channels = len(range(self.num_classes)[keep])
+        if labels:
+            keep = slice(1 if self._implied_background else 0, self.num_classes)
+        else:
+            keep = slice(None)
+        channels = len(range(self.num_classes + self.regression_channels)[keep])
 
         def new_slab(start: int, stop: int) -> torch.Tensor:
             # A normal tensor, not an inference tensor, so that callers may modify what they receive.
@@ -337,13 +359,16 @@ class SlidingWindowPredictor:
             accumulator = classes * min(rows, spatial[0]) * math.prod(spatial[1:]) * item
             output = math.prod(spatial) * np.dtype(self._label_dtype).itemsize
         else:
-            accumulator, output = self.num_classes * math.prod(spatial) * item, 0
+            channels_out = self.num_classes + self.regression_channels
+            accumulator, output = channels_out * math.prod(spatial) * item, 0
         window = math.prod(self.patch_size) * 4 * self.sw_batch_size
         sizes = {
             "input": channels * math.prod(spatial) * 4,
             "accumulator": accumulator,
             "output": output,
-            "window_batch": window * (2 * channels + self.num_classes * (2 if len(self.flips) > 1 else 1)),
+            "window_batch": window * (
+                2 * channels + (self.num_classes + self.regression_channels) * (2 if len(self.flips) > 1 else 1)
+            ),
         }
         sizes["total"] = sum(sizes.values())
         return sizes
@@ -472,21 +497,41 @@ class SlidingWindowPredictor:
         with nullcontext() if amp is None else torch.autocast(self.device.type, amp):
             for dims in self.flips:
                 out = self._forward(tiles.flip(dims) if dims else tiles)
-                out = out.flip(dims) if dims else out
+                out = self._unflip(out, dims) if dims else out
                 total = out if total is None else total.add_(out)
         return total.div_(len(self.flips)) if len(self.flips) > 1 else total
+
+    def _unflip(self, out: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        """Undo a mirroring of the input on the output: flip back, and negate the vector components
+        along the flipped axes (a flow pointing right in the mirror points left in the image)."""
+        out = out.flip(dims)
+        signs = [1.0] * self.regression_channels
+        for c, axis in enumerate(self.vector_axes):
+            if axis is not None and 2 + axis in dims:
+                signs[c] = -1.0
+        if any(s < 0 for s in signs):
+            shape = [1, self.regression_channels] + [1] * (out.ndim - 2)
+            factor = torch.tensor(signs, dtype=out.dtype, device=out.device).view(shape)
+            out = torch.cat([out[:, : self.num_classes], out[:, self.num_classes :] * factor], 1)
+        return out
 
     def _forward(self, tiles: torch.Tensor) -> torch.Tensor:
         out = self.model(tiles)
         if isinstance(out, (list, tuple)):  # deep supervision: full resolution first
             out = out[0]
-        expected = (tiles.shape[0], self.num_classes, *tiles.shape[2:])
+        channels = self.num_classes + self.regression_channels
+        expected = (tiles.shape[0], channels, *tiles.shape[2:])
         if tuple(out.shape) != expected:
-            raise ValueError(f"model output must be B K *P = {expected}; received {tuple(out.shape)}")
+            what = "K *P" if not self.regression_channels else "K+R *P"
+            raise ValueError(f"model output must be B {what} = {expected}; received {tuple(out.shape)}")
         out = out.float()
         if self.output == "logits":
             return out
-        return out.softmax(1) if self.num_classes > 1 else out.sigmoid()
+        classes = out[:, : self.num_classes]
+        classes = classes.softmax(1) if self.num_classes > 1 else classes.sigmoid()
+        if not self.regression_channels:
+            return classes
+        return torch.cat([classes, out[:, self.num_classes :]], 1)
 
     def _to_labels(self, slab: torch.Tensor) -> np.ndarray:
         """Final slab ``K' n *S[1:]`` -> labels ``n *S[1:]``, in chunks of rows to bound the temporaries."""

@@ -137,7 +137,13 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: model's)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: model's)")
     p.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
-    p.add_argument("--instances", action="store_true", help="also write instance maps (cell models)")
+    p.add_argument("--instances", action="store_true",
+                   help="also write instance maps (<case>_instances), split by the model's instance representation "
+                        "(border, distance or flows) with the thresholds tuned at the end of its training")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a post-processing setting: instances.postprocess.<threshold>=<value> (border: "
+                        "foreground; distance: foreground, marker; flows: foreground, slope) or "
+                        "inference.min_instance_size=<pixels>")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output already exists")
     p.add_argument("--nonfinite", choices=("error", "replace"), default="error",
                    help="scans with NaN/Inf voxels: fail the case (default), or replace NaN and -Inf by the scan's "

@@ -16,6 +16,7 @@ from medseg.data.datalist import DatasetInfo, discover
 from medseg.data.readers import load_image, load_transforms
 from medseg.data.sanity import ValidateImaged
 from medseg.errors import ConfigError, DataError
+from medseg.instances import Representation, build_representation
 from medseg.nets import check_network
 from medseg.transforms.presets import (
     build_augmentation,
@@ -78,7 +79,36 @@ def resolve_dataset(cfg: ExperimentConfig) -> tuple[ExperimentConfig, DatasetInf
     cfg = cfg.model_copy(update={"data": data})
     if label_kind == "instance" and cfg.data.instance_to_semantic == "cell_border" and len(classes) != 3:
         raise ConfigError("data.classes", f"cell_border needs 3 classes (background, cell, border), got {classes}")
+    representation(cfg)  # an unknown name, option or threshold fails here, before anything is built
     return cfg, dataset
+
+
+def representation(cfg: ExperimentConfig) -> Representation | None:
+    """The instance representation of an instance dataset's config (None for semantic labels).
+
+    Raises:
+        ConfigError: unknown ``data.instance_target`` (listing the valid ones), an option it rejects, a
+            semantic mode it cannot work with, an unknown ``instances.postprocess`` threshold, or a
+            representation other than ``border`` asked of semantic labels.
+    """
+    name = cfg.data.instance_target
+    if cfg.data.label_kind != "instance":
+        if name != "border":
+            raise ConfigError("data.instance_target", f"'{name}' needs instance labels; this dataset's are "
+                              f"{cfg.data.label_kind or 'semantic'} (data.label_kind)")
+        return None
+    inst = cfg.instances
+    rep = build_representation(
+        name, {"border_width": inst.border_width, "mse_weight": inst.mse_weight, "msge_weight": inst.msge_weight}
+    )
+    if cfg.data.instance_to_semantic not in rep.semantic:
+        raise ConfigError("data.instance_to_semantic", f"'{name}' needs one of: {', '.join(rep.semantic)}; "
+                          f"got {cfg.data.instance_to_semantic}")
+    for key in inst.postprocess:
+        if key not in rep.thresholds:
+            raise ConfigError(f"instances.postprocess.{key}", f"unknown threshold of '{name}'; expected one of: "
+                              f"{', '.join(sorted(rep.thresholds))}")
+    return rep
 
 
 def ensure_writable(folder: Path, what: str) -> Path:
@@ -118,6 +148,7 @@ def _preprocessing(cfg: ExperimentConfig, in_channels: int | None = None) -> lis
             normalize=cfg.transforms.normalize,
             weight_map=cfg.transforms.weight_map,
             instance_to_semantic=cfg.data.instance_to_semantic if cfg.data.label_kind == "instance" else None,
+            border_width=cfg.instances.border_width,
         )
     )
     return chain
@@ -133,10 +164,16 @@ def training_transform(cfg: ExperimentConfig, in_channels: int | None = None) ->
 
 
 def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
-    """The random part of the training chain: pad to the patch, sample a patch, augment it."""
+    """The random part of the training chain: pad to the patch, sample a patch, augment it, then the instance
+    representation's regression targets from the augmented instance map (so they turn with the patch)."""
     tcfg = cfg.transforms
     keys = ["image", "label"] + (["weight"] if tcfg.weight_map.enabled else [])
+    rep = representation(cfg)
+    targets = rep.target_transform() if rep is not None else None
+    if targets is not None:
+        keys.append("instance")
     ratio = tcfg.foreground_ratio
+    after = [] if targets is None else [targets, T.DeleteItemsd(keys="instance")]
     return [
         T.SelectItemsd(keys=keys),
         build_mirror_pad(tcfg.patch_size, keys=keys),  # images smaller than a patch: mirrored context
@@ -145,6 +182,7 @@ def sampling_and_augmentation(cfg: ExperimentConfig) -> list:
             allow_smaller=False,
         ),
         build_augmentation(tcfg.augmentation.params, spatial_dims=cfg.data.spatial_dims, label_keys=keys[1:]),
+        *after,
     ]
 
 
@@ -154,8 +192,10 @@ def preprocessing_transform(cfg: ExperimentConfig) -> T.Compose:
 
 
 def validation_transform(cfg: ExperimentConfig, in_channels: int | None = None) -> T.Compose:
-    """Whole cases, deterministic: load -> [resample] -> normalise, semantic label."""
-    return T.Compose(_preprocessing(cfg, in_channels) + [T.SelectItemsd(keys=["image", "label", "case"])])
+    """Whole cases, deterministic: load -> [resample] -> normalise, semantic label (+ the instance map of
+    instance datasets, for tuning the post-processing)."""
+    keys = ["image", "label", "case"] + (["instance"] if cfg.data.label_kind == "instance" else [])
+    return T.Compose(_preprocessing(cfg, in_channels) + [T.SelectItemsd(keys=keys, allow_missing_keys=True)])
 
 
 def prediction_transform(meta: dict[str, Any], nonfinite: str = "error") -> T.Compose:
@@ -195,7 +235,30 @@ def model_metadata(cfg: ExperimentConfig, in_channels: int) -> dict[str, Any]:
         "patch_size": list(cfg.transforms.patch_size),
         "spacing": cfg.data.spacing,
         "inference": cfg.inference.model_dump(),
+        "instances": instances_metadata(cfg),
     }
+
+
+def instances_metadata(cfg: ExperimentConfig, thresholds: dict[str, float] | None = None) -> dict[str, Any] | None:
+    """What ``predict --instances`` needs of the representation: its name, options, output channels and
+    post-processing thresholds (the defaults with ``instances.postprocess``, until tuning replaces them)."""
+    rep = representation(cfg)
+    if rep is None:
+        return None
+    dims = cfg.data.spatial_dims
+    return {
+        "target": rep.name,
+        "params": {"border_width": rep.border_width, "mse_weight": rep.mse_weight, "msge_weight": rep.msge_weight},
+        "regression_channels": rep.regression_channels(dims),
+        "vector_axes": rep.vector_axes(dims),
+        "thresholds": thresholds if thresholds is not None else rep.check_thresholds(cfg.instances.postprocess),
+        "tuned": thresholds is not None,
+    }
+
+
+def regression_channels(meta: dict[str, Any]) -> int:
+    """``R`` of a model's metadata (0 for models without a representation, e.g. older ones)."""
+    return int((meta.get("instances") or {}).get("regression_channels", 0))
 
 
 def dataset_fingerprint(dataset: DatasetInfo) -> str:

@@ -31,9 +31,10 @@ from medseg.engine.checkpoint import load_checkpoint, load_weights
 from medseg.ensemble import ProbabilityEnsemble, check_members
 from medseg.errors import ConfigError, DataError, find_cause
 from medseg.inference import SlidingWindowPredictor
+from medseg.instances import build_representation
 from medseg.nets import build_network
 from medseg.postprocess import cell_instances, probabilities_to_labels
-from pipelines.common import ensure_writable, prediction_transform
+from pipelines.common import ensure_writable, prediction_transform, regression_channels
 from pipelines.progress import Progress
 
 log = logging.getLogger("medseg.predict")
@@ -79,7 +80,7 @@ def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[to
         raise DataError(path, "checkpoint carries no model metadata (was it written by `medseg train`?)")
     model = build_network(
         meta["model"]["name"], meta["model"]["params"], spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"], num_classes=len(meta["classes"]),
+        in_channels=meta["in_channels"], num_classes=len(meta["classes"]) + regression_channels(meta),
     )
     load_weights(model, state["model"], path, what=f"the {meta['model']['name']} its metadata describes")
     return model.eval(), meta
@@ -130,15 +131,18 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool | None,
                  overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool,
-                 nonfinite: str = "error"):
+                 nonfinite: str = "error", overrides: list[str] | None = None):
         inf = meta.get("inference", {})
         self.meta = meta
         self.transform = prediction_transform(meta, nonfinite=nonfinite)
+        self.num_classes = len(meta["classes"])
+        rep_meta = meta.get("instances") or {}
         self.window = SlidingWindowPredictor(
-            model.to(device), meta["patch_size"], len(meta["classes"]),
+            model.to(device), meta["patch_size"], self.num_classes,
             overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
             sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
             device=device, tta=inf.get("tta", False) if tta is None else tta,
+            regression_channels=regression_channels(meta), vector_axes=rep_meta.get("vector_axes") or None,
         )
         self.instances, self.probabilities = instances, probabilities
         if instances and meta.get("label_kind") != "instance":
@@ -148,7 +152,39 @@ class Predictor:
         if self.border_class is None and meta.get("instance_to_semantic") == "cell_border":
             self.border_class = 2
         self.min_size = inf.get("min_instance_size", 8)
+        self.representation, self.thresholds = None, {}
+        if rep_meta:  # models trained with an instance representation
+            self.representation = build_representation(rep_meta["target"], rep_meta.get("params"))
+            self.thresholds = dict(rep_meta.get("thresholds") or {})
+        self._apply_overrides(overrides or [])
 
+    def _apply_overrides(self, overrides: list[str]) -> None:
+        """``--set instances.postprocess.<name>=<value>`` and ``--set inference.min_instance_size=<n>``."""
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            key = key.strip()
+            try:
+                value = float(text)
+            except ValueError:
+                value = None
+            if not sep or value is None:
+                example = "instances.postprocess.foreground=0.4"
+                raise ConfigError("--set", f"expected KEY=NUMBER, e.g. {example}; got {item!r}")
+            if key == "inference.min_instance_size" and value >= 0 and value == int(value):
+                self.min_size = int(value)
+            elif key.startswith("instances.postprocess.") and self.representation is not None:
+                name = key.removeprefix("instances.postprocess.")
+                try:
+                    self.thresholds = self.representation.check_thresholds({**self.thresholds, name: value})
+                except ValueError as err:
+                    raise ConfigError(key, str(err)) from None
+            else:
+                names = sorted(self.representation.thresholds) if self.representation is not None else []
+                valid = ", ".join(["inference.min_instance_size"] + [f"instances.postprocess.{n}" for n in names])
+                raise ConfigError(key, f"cannot be set at prediction time (or bad value {text!r}); expected one of: "
+                                  f"{valid}")
+        if overrides:
+            log.info("post-processing: min_instance_size %d, thresholds %s", self.min_size, self.thresholds)
     def load(self, scan: Path) -> dict:
         return self.transform({"image": str(scan)})
 
@@ -161,14 +197,23 @@ class Predictor:
         probs = self.window(image)
         if self.meta.get("spacing") is not None:  # back to the scan's own grid through MONAI's inverse
             probs, meta = self._invert(data, probs)
-        out: dict[str, Any] = {"meta": meta, "labels": probabilities_to_labels(probs)}
+        k = self.num_classes
+        out: dict[str, Any] = {"meta": meta, "labels": probabilities_to_labels(probs[:k])}
         if self.instances:
-            out["instances"] = cell_instances(
-                probs.cpu().numpy(), cell_class=self.cell_class, border_class=self.border_class,
-                min_size=self.min_size,
-            )
+            array = probs.float().cpu().numpy()
+            if self.representation is not None:
+                regression = array[k:] if array.shape[0] > k else None
+                out["instances"] = self.representation.postprocess(
+                    array[:k], regression, min_size=self.min_size, **self.thresholds
+                )
+            else:  # a model from before instance representations: its border class, as it was trained
+                out["instances"] = cell_instances(
+                    array, cell_class=self.cell_class, border_class=self.border_class, min_size=self.min_size
+                )
         if self.probabilities:
-            out["probabilities"] = probs.cpu().numpy().astype(np.float16)
+            out["probabilities"] = probs[:k].cpu().numpy().astype(np.float16)
+            if probs.shape[0] > k:
+                out["regression"] = probs[k:].cpu().numpy().astype(np.float16)
         return out
 
     def _invert(self, data: dict, probs: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -184,16 +229,17 @@ def predict_batch(
     model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
     tta: bool | None = None, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
     probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True, nonfinite: str = "error",
+    overrides: list[str] | None = None,
 ) -> list[CaseRecord]:
     """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong.
 
     ``tta``, ``overlap`` and ``sw_batch_size`` left at None take the model's ``inference`` settings. A scan with
     NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
     degenerate affine or the wrong channel count fails when loaded, before any compute.
+    ``overrides``: ``KEY=VALUE`` post-processing settings (see :meth:`Predictor._apply_overrides`).
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
-                       instances=instances, probabilities=probabilities, nonfinite=nonfinite)
+                       instances=instances, probabilities=probabilities, nonfinite=nonfinite, overrides=overrides)
     records = [CaseRecord(output_path(s, out_dir).name.split(".")[0], str(s), str(output_path(s, out_dir)))
                for s in scans]
     todo = []
@@ -253,7 +299,10 @@ def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
         write_image(inst.astype(dtype), output_path(scan, out_dir, "_instances"), meta=meta)
     if "probabilities" in result:
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, probabilities=result["probabilities"])
+        arrays = {"probabilities": result["probabilities"]}
+        if "regression" in result:  # an instance representation's distance or flow maps
+            arrays["regression"] = result["regression"]
+        np.savez_compressed(buffer, **arrays)
         _atomic_bytes(out_dir / f"{rec.case}_probabilities.npz", buffer.getvalue())
     write_image(result["labels"], Path(rec.output), meta=meta)  # written last: its presence means "done"
 
@@ -329,6 +378,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
             model, meta, mine, args.output, device=dist_info.device, tta=args.tta, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
             skip_existing=args.skip_existing, show_progress=dist_info.is_main, nonfinite=args.nonfinite,
+            overrides=args.overrides,
         )
         name = "manifest" if not dist_info.enabled else f"manifest_rank{dist_info.rank}"
         write_manifest(records, args.output, skipped if dist_info.is_main else [], name)

@@ -32,6 +32,8 @@ from medseg.engine.loop import StepSettings, evaluate, resolve_amp, train_one_ep
 from medseg.engine.optim import build_optimizer, build_scheduler
 from medseg.errors import ConfigError, DataError
 from medseg.inference import SlidingWindowPredictor
+from medseg.instances import Representation
+from medseg.instances.loss import InstanceLoss
 from medseg.losses import DiceWeightedCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.nets import build_network
@@ -42,6 +44,7 @@ from pipelines.common import (
     expected_channels,
     load_experiment,
     model_metadata,
+    representation,
     resolve_dataset,
     training_transform,
     validation_transform,
@@ -49,6 +52,7 @@ from pipelines.common import (
 from pipelines.cv import fold_dir, fold_tags, parent_run, split_for
 from pipelines.progress import Progress, StopFlag
 from pipelines.train_report import log_epoch, log_run_artifacts
+from pipelines.tune_instances import tune_instances
 
 log = logging.getLogger("medseg.train")
 
@@ -122,11 +126,12 @@ class _Components:
 
     model: torch.nn.Module
     net: torch.nn.Module
-    loss_fn: DiceWeightedCELoss
+    loss_fn: DiceWeightedCELoss | InstanceLoss
     optimizer: Any
     scheduler: Any
     scaler: torch.amp.GradScaler
     settings: StepSettings
+    representation: Representation | None = None  # instance datasets: how instances are learned and split
 
 
 @dataclass
@@ -182,6 +187,9 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
     if dist_info.is_main:
         if state.interrupted is None:
             checkpoints.save("last", state, state.epoch, 0, finished=True)  # --resume auto has nothing left to do
+            if parts.representation is not None and data.val_loader is not None:  # thresholds for --instances
+                metadata["instances"] = tune_instances(cfg, parts.representation, parts.model, _predictor(
+                    cfg, data, parts, dist_info), data.val_loader, tracker, output_dir / "checkpoints", state.epoch)
         log_run_artifacts(output_dir, tracker, parts.model, metadata, state.history, state.per_case, state.examples,
                           cfg.tracking.registered_model_name, state.interrupted)
     dist.barrier(dist_info)
@@ -256,9 +264,11 @@ def build_loss(cfg: ExperimentConfig, model: torch.nn.Module, num_classes: int) 
 def _build_components(cfg: ExperimentConfig, data: _Data, dist_info: dist.DistInfo) -> _Components:
     """Network (DDP-wrapped when distributed), loss, optimiser, scheduler, gradient scaler and step settings."""
     device = dist_info.device
+    rep = representation(cfg)
+    n_reg = rep.regression_channels(cfg.data.spatial_dims) if rep is not None else 0
     model = build_network(
         cfg.model.name, cfg.model.params, spatial_dims=cfg.data.spatial_dims, in_channels=data.in_channels,
-        num_classes=len(data.class_names),
+        num_classes=len(data.class_names) + n_reg,  # the classes, then the representation's regression channels
     ).to(device)
     if cfg.train.channels_last and cfg.data.spatial_dims == 2:
         model = model.to(memory_format=torch.channels_last)
@@ -271,8 +281,10 @@ def _build_components(cfg: ExperimentConfig, data: _Data, dist_info: dist.DistIn
     amp_dtype = resolve_amp(cfg.train.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     settings = StepSettings(device, amp_dtype, cfg.train.grad_clip, cfg.train.channels_last)
-    return _Components(model, net, build_loss(cfg, model, len(data.class_names)), optimizer, scheduler, scaler,
-                       settings)
+    loss_fn = build_loss(cfg, model, len(data.class_names))
+    if n_reg:
+        loss_fn = InstanceLoss(loss_fn, rep, len(data.class_names), n_reg)
+    return _Components(model, net, loss_fn, optimizer, scheduler, scaler, settings, rep)
 
 
 def _resume(path: Path, parts: _Components, device: torch.device) -> _State:
@@ -349,14 +361,22 @@ class _Checkpoints:
         })
 
 
+def _predictor(cfg: ExperimentConfig, data: _Data, parts: _Components, dist_info: dist.DistInfo):
+    """The validation sliding window; it also returns the representation's regression channels."""
+    rep, dims = parts.representation, cfg.data.spatial_dims
+    n_reg = rep.regression_channels(dims) if rep else 0
+    return SlidingWindowPredictor(
+        parts.model, cfg.transforms.patch_size, len(data.class_names), overlap=cfg.inference.overlap,
+        sw_batch_size=cfg.inference.sw_batch_size, device=dist_info.device,
+        amp=parts.settings.amp_dtype is not None, regression_channels=n_reg,
+        vector_axes=rep.vector_axes(dims) if n_reg else None,
+    )
+
+
 def _run_epochs(cfg: ExperimentConfig, data: _Data, parts: _Components, state: _State, checkpoints: _Checkpoints,
                 tracker: Tracker, dist_info: dist.DistInfo) -> None:
     """Train, validate, checkpoint and log epoch after epoch until the last one, early stopping or a signal."""
-    predictor = SlidingWindowPredictor(
-        parts.model, cfg.transforms.patch_size, len(data.class_names), overlap=cfg.inference.overlap,
-        sw_batch_size=cfg.inference.sw_batch_size, device=dist_info.device,
-        amp=parts.settings.amp_dtype is not None,
-    )
+    predictor = _predictor(cfg, data, parts, dist_info)
     log.info(
         "training %s (%s parameters) on %d cases, validating on %d, %d iterations/epoch, device %s%s",
         cfg.model.name, f"{sum(p.numel() for p in parts.model.parameters()):,}", data.n_train, data.n_val,

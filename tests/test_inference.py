@@ -298,3 +298,48 @@ def test_identity_and_buffer_models_come_back_unchanged(model_name, channels, sp
         for got in (predictor(image), slabs):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m, where=where: f"{where}: {m}")
         torch.testing.assert_close(image, original, rtol=0, atol=0)  # nor the caller's image
+
+
+def _field_model(num_classes: int):
+    """Class logits from the first input channel, then regression channels: d(input)/d(axis a) per axis
+    (vector components, exactly flip-equivariant) and the input itself (a scalar)."""
+
+    def model(tiles: torch.Tensor) -> torch.Tensor:
+        x = tiles[:, :1]
+        dims = x.ndim - 2
+        grads = [torch.from_numpy(np.gradient(x.numpy(), axis=2 + a)) for a in range(dims)]
+        logits = torch.cat([x * (c + 1) for c in range(num_classes)], 1)
+        return torch.cat([logits, *grads, x], 1)
+
+    return model
+
+
+@pytest.mark.parametrize("spatial,patch", [((37, 50), (16, 16)), ((19, 13, 22), (8, 8, 8))])
+@pytest.mark.parametrize("tta", [False, True])
+def test_regression_channels_return_a_known_field(spatial, patch, tta):
+    """A linear image: its gradient is the same constant in every window (one-sided at window edges too), and the
+    image channel comes back as it was; class channels stay probabilities, regression ones are not softmaxed,
+    and mirror TTA negates the flipped components (without that the constant gradient would average to 0)."""
+    dims = len(spatial)
+    slopes = np.arange(1, dims + 1) * 0.25
+    grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32) for n in spatial], indexing="ij"))
+    image = torch.from_numpy((grid * slopes.reshape(-1, *[1] * dims)).sum(0, dtype=np.float32))[None]
+    predictor = SlidingWindowPredictor(
+        _field_model(2), patch, 2, overlap=0.5, regression_channels=dims + 1,
+        vector_axes=list(range(dims)) + [None], tta=tta,
+    )
+    out = predictor(image)
+    assert out.shape == (2 + dims + 1, *spatial)
+    torch.testing.assert_close(out[:2].sum(0), torch.ones(spatial))
+    for a in range(dims):
+        torch.testing.assert_close(out[2 + a], torch.full(spatial, float(slopes[a])), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[-1], image[0], atol=1e-4, rtol=1e-5)
+    labels = predictor.predict_labels(image)  # from the class channels only
+    np.testing.assert_array_equal(labels, out[:2].argmax(0).numpy())
+
+
+def test_vector_axes_must_match_the_regression_channels():
+    with pytest.raises(ValueError, match="vector_axes"):
+        SlidingWindowPredictor(_field_model(2), (8, 8), 2, regression_channels=2, vector_axes=[0])
+    with pytest.raises(ValueError, match="vector_axes"):
+        SlidingWindowPredictor(_field_model(2), (8, 8), 2, regression_channels=1, vector_axes=[2])

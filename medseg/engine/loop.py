@@ -79,6 +79,10 @@ def _to_device(batch: dict, settings: StepSettings) -> tuple[torch.Tensor, torch
     return image, label, weight
 
 
+def _tensor(x):
+    return x.as_tensor() if hasattr(x, "as_tensor") else x
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable[dict],
@@ -95,8 +99,10 @@ def train_one_epoch(
     """Train for one pass over ``batches``.
 
     Args:
-        batches: dicts with ``image`` [B C *S], ``label`` [B 1 *S] and optionally ``weight`` [B 1 *S].
-        loss_fn: ``loss_fn(logits, label, weight)`` returning an object with ``total`` and ``parts``.
+        batches: dicts with ``image`` [B C *S], ``label`` [B 1 *S] and optionally ``weight`` [B 1 *S] and
+            ``regression`` [B R *S] (targets of an instance representation's regression channels).
+        loss_fn: ``loss_fn(logits, label, weight[, regression])`` returning an object with ``total`` and
+            ``parts``.
         scheduler: has ``step_iteration()`` (called after every optimizer step).
         skip: batches to draw but not train on (resuming inside an epoch replays the data stream up to there).
         on_step: called after every step with the iteration number and its losses (progress bars).
@@ -112,11 +118,15 @@ def train_one_epoch(
             tick = time.perf_counter()
             continue
         image, label, weight = _to_device(batch, settings)
+        regression = batch.get("regression")  # an instance representation's targets, B R *S
         fetched = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with settings.autocast():
             logits = model(image)
-        out = loss_fn(logits, label, weight)
+        if regression is None:
+            out = loss_fn(logits, label, weight)
+        else:
+            out = loss_fn(logits, label, weight, _tensor(regression).to(settings.device).float())
         scaler.scale(out.total).backward()
         if settings.grad_clip is not None:
             scaler.unscale_(optimizer)
@@ -166,7 +176,8 @@ def evaluate(
     """Validate whole cases.
 
     Args:
-        predict: one case's image [C *S] -> class probabilities [K *S] (a sliding-window predictor).
+        predict: one case's image [C *S] -> class probabilities [K *S] (a sliding-window predictor), maybe
+            followed by regression channels, which are ignored here.
         batches: dicts with ``image`` [1 C *S] and ``label`` [1 1 *S] (batch size 1).
         class_names: index = class id; Dice is reported for the foreground classes.
         dice_fn: ``dice_fn(pred [B *S], ref [B *S], K) -> [B K]`` with NaN where a class is absent in both.
@@ -181,7 +192,7 @@ def evaluate(
         image = batch["image"][0]
         ref = batch["label"][0, 0].long()
         probs = predict(image)
-        pred = probs.argmax(0).to(ref.device)
+        pred = probs[:k].argmax(0).to(ref.device)
         dice = dice_fn(pred[None], ref[None].to(pred.device), k)[0].cpu().numpy()
         name = _case_name(batch)
         row: dict[str, float | str] = {"case": name}

@@ -215,6 +215,7 @@ def build_preprocessing(
     instance_key: str = "instance",
     weight_key: str = "weight",
     config_key: str = "transforms",
+    border_width: int = 1,
 ) -> Compose:
     """The deterministic, cacheable preprocessing: normalisation, targets and weight map.
 
@@ -226,6 +227,7 @@ def build_preprocessing(
     ``label_kind="semantic"`` an enabled weight map is ``w_c`` alone (the border term needs instances);
     ``"none"`` (or None) means no labels: normalisation only. Label keys may be missing (unlabelled images).
 
+    ``border_width``: thickness of the ``cell_border`` border class, pixels.
     ``weight_map``: a :class:`~medseg.config.WeightMapConfig` or its mapping (``{"enabled", "w0", "sigma",
     "class_balance", "physical_units"}``, its defaults for missing entries).
 
@@ -244,7 +246,7 @@ def build_preprocessing(
             )
         steps += [
             CopyItemsd(label_key, names=instance_key, allow_missing_keys=True),
-            InstanceToSemanticd(instance_key, label_key, mode=mode, allow_missing_keys=True),
+            InstanceToSemanticd(instance_key, label_key, mode=mode, border_width=border_width, allow_missing_keys=True),
         ]
         if weights.enabled:
             options = weights.model_dump(exclude={"enabled"})
