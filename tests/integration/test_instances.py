@@ -9,10 +9,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from medseg.config import load_config
 from medseg.engine.checkpoint import load_checkpoint
+from medseg.errors import ConfigError
+from pipelines.common import resolve_dataset
+from pipelines.predict import load_trained_model, predict_batch
 from tests.instances.clusters import touching_cells
 
 from .conftest import run_medseg
@@ -59,7 +64,7 @@ def _config(tmp_path: Path, data: Path, target: str, dims: int) -> Path:
         "inference": {"overlap": 0.25, "sw_batch_size": 2, "min_instance_size": 0},
         "instances": {"msge_weight": 0.5},
         # MLflow once (the tuned thresholds are logged there), the other runs skip its start-up cost
-        "tracking": {"enabled": target == "flows" and dims == 2, "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {"enabled": target == "distance", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -70,7 +75,8 @@ def _read(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj) if path.name.endswith(".nii.gz") else tifffile.imread(path)
 
 
-@pytest.mark.parametrize("target,dims", [("border", 2), ("distance", 2), ("flows", 2), ("flows", 3)])
+# flows in 3D (its three components), the others in 2D: the CLI runs cost the suite most of its time
+@pytest.mark.parametrize("target,dims", [("border", 2), ("distance", 2), ("flows", 3)])
 def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     data = cells2d if dims == 2 else cells3d
     run_medseg("train", _config(tmp_path, data, target, dims))
@@ -79,10 +85,10 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     channels = {"border": 0, "distance": 1, "flows": dims}[target]
     assert inst_meta["target"] == target and inst_meta["regression_channels"] == channels
     assert inst_meta["tuned"] and inst_meta["tuning"]["cases"] == 1 and inst_meta["tuning"]["combinations"] > 1
-    if target == "flows" and dims == 2:
+    if target == "distance":
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-        run = client.search_runs([client.get_experiment_by_name("inst_flows2d").experiment_id])[0]
-        assert float(run.data.params["instances.thresholds.slope"]) == inst_meta["thresholds"]["slope"]
+        run = client.search_runs([client.get_experiment_by_name("inst_distance2d").experiment_id])[0]
+        assert float(run.data.params["instances.thresholds.marker"]) == inst_meta["thresholds"]["marker"]
         assert "val_instance_map" in run.data.metrics
     assert set(inst_meta["thresholds"]) == {"border": {"foreground"}, "distance": {"foreground", "marker"},
                                              "flows": {"foreground", "slope"}}[target]
@@ -107,18 +113,27 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
         if channels:
             assert saved["regression"].shape[0] == channels
 
-    if target == "flows" and dims == 2:  # a threshold overridden at prediction time: everything is foreground
+    if target == "distance":  # a threshold overridden at prediction time (in process): everything is foreground
+        model, meta = load_trained_model(str(tmp_path / "run"))
         again = tmp_path / "pred_all"
-        run_medseg("predict", "--model", tmp_path / "run", "--input", scans, "--output", again, "--instances",
-                   "--set", "instances.postprocess.foreground=0")
+        records = predict_batch(model, meta, sorted(scans.iterdir())[:1], again, device=torch.device("cpu"),
+                                instances=True, overrides=["instances.postprocess.foreground=0"], show_progress=False)
+        assert [r.status for r in records] == ["ok"]
         assert (_read(sorted(again.glob("*_instances*"))[0]) > 0).all()
+        with pytest.raises(ConfigError, match="instances.postprocess.slope"):
+            predict_batch(model, meta, [], again, device=torch.device("cpu"), instances=True,
+                          overrides=["instances.postprocess.slope=0"])
 
 
 def test_bad_representation_settings_are_clear(tmp_path, cells2d):
     cfg = _config(tmp_path, cells2d, "flows", 2)
     proc = run_medseg("train", cfg, "--set", "data.instance_target=stardist", check=False)
     assert proc.returncode == 2 and "border, distance, flows" in proc.stderr and "data.instance_target" in proc.stderr
-    proc = run_medseg("train", cfg, "--set", "instances.postprocess.marker=0.3", check=False)
-    assert proc.returncode == 2 and "instances.postprocess.marker" in proc.stderr and "slope" in proc.stderr
-    proc = run_medseg("train", cfg, "--set", "data.instance_target=border", check=False)
-    assert proc.returncode == 2 and "data.instance_to_semantic" in proc.stderr
+    with pytest.raises(ConfigError, match="slope") as err:
+        resolve_dataset(load_config(cfg, ["instances.postprocess.marker=0.3"]))
+    assert err.value.key == "instances.postprocess.marker"
+    with pytest.raises(ConfigError, match="cell_border") as err:
+        resolve_dataset(load_config(cfg, ["data.instance_target=border"]))
+    assert err.value.key == "data.instance_to_semantic"
+    with pytest.raises(ConfigError, match="border_width") as err:
+        resolve_dataset(load_config(cfg, ["instances.border_width=0"]))
