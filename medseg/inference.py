@@ -43,6 +43,17 @@ _AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch
 _CHUNK_VOXELS = 1 << 22
 
 
+def _check_vector_axes(vector_axes: Sequence[int | None] | None, channels: int, dims: int) -> list[int | None]:
+    """One spatial axis (or None, a scalar) per regression channel; None: all scalars."""
+    axes = [None] * channels if vector_axes is None else list(vector_axes)
+    if channels < 0 or len(axes) != channels or any(a is not None and not 0 <= a < dims for a in axes):
+        raise ValueError(
+            f"vector_axes must give one spatial axis (0..{dims - 1}) or None per regression channel ({channels}); "
+            f"received {vector_axes}"
+        )
+    return axes
+
+
 def _check_sizes(image_size: Sequence[int], patch_size: Sequence[int], overlap: float) -> None:
     if len(image_size) != len(patch_size):
         raise ValueError(f"image size {tuple(image_size)} and patch size {tuple(patch_size)} differ in length")
@@ -213,15 +224,7 @@ class SlidingWindowPredictor:
 
         self.num_classes = int(num_classes)
         self.regression_channels = int(regression_channels)
-        vector_axes = [None] * self.regression_channels if vector_axes is None else list(vector_axes)
-        if self.regression_channels < 0 or len(vector_axes) != self.regression_channels or any(
-            a is not None and not 0 <= a < dims for a in vector_axes
-        ):
-            raise ValueError(
-                f"vector_axes must give one spatial axis (0..{dims - 1}) or None per regression channel "
-                f"({regression_channels}); received {vector_axes}"
-            )
-        self.vector_axes = vector_axes
+        self.vector_axes = _check_vector_axes(vector_axes, self.regression_channels, dims)
         self.overlap = float(overlap)
         self.sw_batch_size = int(sw_batch_size)
         self.blend = blend
