@@ -116,6 +116,7 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     if target == "distance":  # a threshold overridden at prediction time (in process): everything is foreground
         model, meta = load_trained_model(str(tmp_path / "run"))
         again = tmp_path / "pred_all"
+        again.mkdir()
         records = predict_batch(model, meta, sorted(scans.iterdir())[:1], again, device=torch.device("cpu"),
                                 instances=True, overrides=["instances.postprocess.foreground=0"], show_progress=False)
         assert [r.status for r in records] == ["ok"]
