@@ -98,6 +98,7 @@ def run_target(target: str, data: Path, big: Path, work: Path, budget: dict, see
     model, meta = load_trained_model(str(result.output_dir))
     scans = sorted((data / "imagesTs").iterdir())
     pred_dir = work / "pred" / target
+    pred_dir.mkdir(parents=True, exist_ok=True)
     records = predict_batch(model, meta, scans, pred_dir, device=torch.device("cpu"), instances=True,
                             show_progress=False)
     failed = [r for r in records if r.status != "ok"]
