@@ -22,6 +22,7 @@ examples:
   medseg train configs/demo_cells.yaml --set train.epochs=5
   medseg predict --model runs/demo_cells --input demo/cells/imagesTs --output demo/pred --instances
   medseg evaluate --pred demo/pred --ref demo/cells/labelsTs
+  medseg export --model runs/demo_cells --format onnx --out demo/export
   mlflow ui --backend-store-uri sqlite:///mlflow.db
 """
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_evaluate(sub)
     _add_cv(sub)
+    _add_export(sub)
     _add_augment_preview(sub)
     _add_config(sub)
     return parser
@@ -127,8 +129,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 def _add_predict(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="batch-predict a folder (or files) of scans with a trained model")
     p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
-                   help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>; "
-                        "several: an ensemble averaging their probabilities (e.g. the cross-validation folds)")
+                   help="checkpoint file, training output folder, export folder (medseg export), runs:/<id>/model "
+                        "or models:/<name>/<version>; several: an ensemble averaging their probabilities (e.g. the "
+                        "cross-validation folds)")
     p.add_argument("--input", required=True, nargs="+", help="a folder of scans, or scan files")
     p.add_argument("--output", required=True, type=Path, help="output folder")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -166,6 +169,18 @@ def _add_cv(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="cross-validation summary over the fold runs of an experiment")
     p.add_argument("runs", type=Path, help="the experiment's run folder holding fold_0 .. fold_K-1")
     _add_tracking(p)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a trained network to ONNX or TorchScript (checked against torch)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint file, training output folder, runs:/<id>/model or models:/<name>/<version>")
+    p.add_argument("--format", required=True, choices=("onnx", "torchscript"), help="onnx (onnxruntime) or "
+                   "torchscript (torch.jit.load)")
+    p.add_argument("--out", required=True, type=Path, help="export folder: the network + medseg-model.json")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed difference to torch's logits on a random input (default 1e-4)")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI for runs:/ and models:/ models")
 
 
 def _add_augment_preview(sub: argparse._SubParsersAction) -> None:
@@ -219,6 +234,10 @@ def _run(args: argparse.Namespace) -> int:
         from pipelines.cv import run_cv_cli
 
         return run_cv_cli(args)
+    if args.command == "export":
+        from pipelines.export import run_export_cli
+
+        return run_export_cli(args)
     if args.command == "augment-preview":
         from pipelines.preview import run_preview_cli
 

@@ -30,6 +30,7 @@ from medseg.engine import distributed as dist
 from medseg.engine.checkpoint import load_checkpoint, load_weights
 from medseg.ensemble import ProbabilityEnsemble, check_members
 from medseg.errors import ConfigError, DataError, find_cause
+from medseg.export import ExportedNetwork, is_export_folder, load_exported
 from medseg.inference import SlidingWindowPredictor
 from medseg.instances import build_representation
 from medseg.nets import build_network
@@ -52,13 +53,18 @@ class CaseRecord:
     warning: str = ""  # e.g. non-finite voxels replaced (--nonfinite replace)
 
 
-def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_trained_model(source: str, tracking_uri: str | None = None, device: str | torch.device = "cpu",
+                       ) -> tuple[torch.nn.Module | ExportedNetwork, dict[str, Any]]:
     """A trained model and the metadata prediction needs, from any of the places a model can be.
 
     Args:
         source: a checkpoint file, a training output folder (its ``checkpoints/best.pt``, else ``last.pt``),
+            an export folder (``medseg export``: the network runs through onnxruntime or TorchScript),
             ``runs:/<run_id>/model`` or ``models:/<name>/<version>``.
+        device: where an exported TorchScript network runs (torch networks are moved by the predictor).
     """
+    if is_export_folder(Path(source)):
+        return load_exported(Path(source), device)
     if source.startswith(("runs:/", "models:/")):
         from medseg.tracking import load_model
 
@@ -86,14 +92,15 @@ def load_trained_model(source: str, tracking_uri: str | None = None) -> tuple[to
     return model.eval(), meta
 
 
-def load_models(sources: str | list[str], tracking_uri: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_models(sources: str | list[str], tracking_uri: str | None = None, device: str | torch.device = "cpu",
+                ) -> tuple[torch.nn.Module | ExportedNetwork, dict[str, Any]]:
     """One model, or several as a :class:`~medseg.ensemble.ProbabilityEnsemble` that averages probabilities.
 
     Members must agree on classes and preprocessing (a ConfigError names the first that does not); the
     sliding window uses the first member's patch size and inference settings.
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
-    loaded = [load_trained_model(s, tracking_uri) for s in sources]
+    loaded = [load_trained_model(s, tracking_uri, device) for s in sources]
     if len(loaded) == 1:
         return loaded[0]
     metas = [meta for _, meta in loaded]
@@ -129,16 +136,16 @@ def output_path(scan: Path, out_dir: Path, suffix: str = "") -> Path:
 class Predictor:
     """Predicts one scan: preprocess as in training, sliding window, back to the input's geometry, write."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], *, device: torch.device, tta: bool | None,
-                 overlap: float | None, sw_batch_size: int | None, instances: bool, probabilities: bool,
-                 nonfinite: str = "error", overrides: list[str] | None = None):
+    def __init__(self, model: torch.nn.Module | ExportedNetwork, meta: dict[str, Any], *, device: torch.device,
+                 tta: bool | None, overlap: float | None, sw_batch_size: int | None, instances: bool,
+                 probabilities: bool, nonfinite: str = "error", overrides: list[str] | None = None):
         inf = meta.get("inference", {})
         self.meta = meta
         self.transform = prediction_transform(meta, nonfinite=nonfinite)
         self.num_classes = len(meta["classes"])
         rep_meta = meta.get("instances") or {}
         self.window = SlidingWindowPredictor(
-            model.to(device), meta["patch_size"], self.num_classes,
+            model, meta["patch_size"], self.num_classes,
             overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
             sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
             device=device, tta=inf.get("tta", False) if tta is None else tta,
@@ -363,7 +370,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
     try:
         if dist_info.is_main:
             ensure_writable(args.output, "--output")  # before any compute, not on the manifest at the end
-        model, meta = load_models(args.model, args.tracking_uri)
+        model, meta = load_models(args.model, args.tracking_uri, dist_info.device)
         scans, skipped = list_inputs(args.input)
         if dist_info.is_main:
             for path in skipped:

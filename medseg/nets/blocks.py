@@ -171,6 +171,20 @@ def max_pool(spatial_dims: int, return_indices: bool = False, stride: int | Sequ
     return pool(stride, stride=stride, return_indices=return_indices)
 
 
+def max_unpool(x: torch.Tensor, indices: torch.Tensor, stride: Sequence[int]) -> torch.Tensor:
+    """Undo a max-pool of window = ``stride`` (one per axis): every value goes back where the pool took it
+    from, zeros elsewhere.
+
+    Equal to ``nn.MaxUnpool2d/3d(stride, stride=stride)`` with the indices of :func:`max_pool`, written as a
+    scatter because ``F.max_unpool*`` checks its output size with Python booleans, which tracing (TorchScript,
+    ONNX export) cannot record. Shapes: ``x`` and ``indices`` ``B C *S`` -> ``B C *(S * stride)``.
+    """
+    flat = x.flatten(2)
+    out = flat.new_zeros(flat.shape).repeat(1, 1, math.prod(stride))  # B C prod(S * stride), sizes kept symbolic
+    out = out.scatter(2, indices.flatten(2), flat)
+    return out.view(x.shape[0], x.shape[1], *(s * k for s, k in zip(x.shape[2:], stride)))
+
+
 # -- blocks --------------------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from medseg.nets.blocks import (
     int_problem,
     kernel_sizes_problem,
     max_pool,
+    max_unpool,
     pad_to_multiple,
     raise_for_arguments,
     resolve_kernel_sizes,
@@ -113,9 +114,12 @@ class SegNet(nn.Module):
         decoder.append(nn.Sequential(*convs([ch[0]] * n_convs[0], 0), logits))
         self.encoder = nn.ModuleList(encoder)
         self.decoder = nn.ModuleList(decoder)
-        unpool = nn.MaxUnpool2d if spatial_dims == 2 else nn.MaxUnpool3d
         self.pools = nn.ModuleList(max_pool(spatial_dims, return_indices=True, stride=s) for s in self.strides)
-        self.unpools = nn.ModuleList(unpool(s, stride=s) for s in self.strides)
+
+    @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """Per axis, input sizes that are multiples of this (and at least twice it) run unpadded."""
+        return total_stride(self.strides, self.depth)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = list(x.shape[2:])
@@ -125,7 +129,7 @@ class SegNet(nn.Module):
         for stage, pool in zip(self.encoder, self.pools):
             x, idx = pool(stage(x))
             indices.append(idx)
-        for stage, unpool in zip(self.decoder, reversed(self.unpools)):
-            x = stage(unpool(x, indices.pop()))
+        for stage, stride in zip(self.decoder, reversed(self.strides)):
+            x = stage(max_unpool(x, indices.pop(), stride))
 
         return crop_to(x, size)

@@ -133,6 +133,11 @@ class UNet(nn.Module):
     def head_names(self) -> tuple[str, ...]:
         return tuple(f"level_{k}" for k in range(len(self.aux_heads) + 1))
 
+    @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """Per axis, input sizes that are multiples of this (and at least twice it) run unpadded."""
+        return total_stride(self.strides, self.depth)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         size = list(x.shape[2:])
         x = pad_to_multiple(x, total_stride(self.strides, self.depth))

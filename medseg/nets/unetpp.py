@@ -142,6 +142,11 @@ class UNetPlusPlus(nn.Module):
             self.prune_level = prune_level
 
     @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """Per axis, input sizes that are multiples of this (and at least twice it) run unpadded in eval mode."""
+        return total_stride(self.strides, self._prune_level)
+
+    @property
     def prune_level(self) -> int:
         return self._prune_level
 
