@@ -54,7 +54,7 @@ def train_for(config: Path, out: Path, seconds: float, overrides: list[str], env
     ckpt = out / "checkpoints" / "last.pt"
     if not ckpt.is_file():
         return {"seconds": elapsed, "best_dice": None, "epochs": 0, "log": proc.stdout.read()[-2000:]}
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return {"seconds": elapsed, "best_dice": state["best_foreground"], "best_epoch": state["best_epoch"],
             "epochs": state["epoch"]}
 

@@ -1,4 +1,4 @@
-# Over 450 lines on purpose: the one definition of every setting, one pydantic model per config section.
+# Long on purpose (over 450 lines): the one definition of every setting, one pydantic model per config section.
 """Typed experiment configuration: one YAML file -> validated objects -> resolved YAML saved with every run.
 
 Every section is a pydantic model that forbids unknown keys, so a typo is an error naming the key path and the

@@ -1,4 +1,4 @@
-# Over 450 lines on purpose: grid, importance map, slab streaming and window loading form one memory plan.
+# Long on purpose (over 450 lines): grid, importance map, slab streaming and window loading form one memory plan.
 """Sliding-window prediction of whole images with any callable model, 2D and 3D.
 
 The image is covered by a Cartesian grid of patch-sized windows (:func:`sliding_window_grid`); each window

@@ -1,4 +1,4 @@
-# Over 450 lines on purpose: the training run as its ordered steps (data, parts, resume, epochs, tuning).
+# Long on purpose (over 450 lines): the training run as its ordered steps (data, parts, resume, epochs, tuning).
 """`medseg train`: build everything from one config, run the loop, checkpoint, and track the run in MLflow.
 
 The same command runs under ``torchrun --nproc-per-node N`` (DDP): every process trains on its shard of each
