@@ -7,16 +7,19 @@ On synthetic anisotropic lesions (``medseg synth lesions --spacing 0.8 0.8 4``),
 config (``--hours`` = the budget, ``--memory`` as given); both configs then train through the real CLI on the
 same training and validation cases (the planned folds replaced by the hand-written config's validation
 cases), validating after every epoch (the hand-written config's epoch cut to 10 steps so that it validates
-within short budgets; the planned config keeps the schedule planned for the budget). Each run is stopped
-with SIGTERM when its budget is spent (the training saves a checkpoint and stops cleanly); the best
-validation foreground Dice it reached is read from its checkpoint. Wall-clock budgets on a shared machine
-measure the machine as much as the configs: run it on a quiet one, and read a difference smaller than the
-run-to-run spread as no difference. Nothing is asserted.
+within short budgets; the planned config keeps the schedule planned for the budget). The two trainings run
+AT THE SAME TIME, one torch thread each (``--threads``), so that both see the same machine load during the
+same minutes (run one after the other on a shared machine, the second would meet a different load); the
+planner is told it has those threads. Each run is stopped with SIGTERM when its budget is spent (the
+training saves a checkpoint and stops cleanly); the best validation foreground Dice it reached is read from
+its checkpoint. Read a difference smaller than the run-to-run spread (``--repeats``) as no difference.
+Nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -34,26 +37,53 @@ MEDSEG = [sys.executable, "-m", "pipelines"]
 
 
 def medseg(*args, env=None, timeout=None) -> subprocess.CompletedProcess:
-    return subprocess.run([*MEDSEG, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=True)
+    proc = subprocess.run([*MEDSEG, *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        sys.exit(f"medseg {args[0]} failed:\n{proc.stderr[-3000:]}")
+    return proc
 
 
-def train_for(config: Path, out: Path, seconds: float, overrides: list[str], env) -> dict:
-    """Train until ``seconds`` of wall clock are spent (SIGTERM), return the best validation figures."""
-    args = [*MEDSEG, "train", str(config), "--no-tracking", "--output", str(out)]
-    for item in overrides:
-        args += ["--set", item]
+def train_together(runs: dict[str, tuple[Path, Path, list[str]]], seconds: float, env) -> dict[str, dict]:
+    """Start every ``name: (config, out, overrides)`` training at once, stop each (SIGTERM) when ``seconds``
+    of wall clock are spent, and return each one's best validation figures."""
+    procs = {}
     start = time.monotonic()
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        proc.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=300)
-    elapsed = time.monotonic() - start
+    with contextlib.ExitStack() as logs:
+        for name, (config, out, overrides) in runs.items():
+            args = [*MEDSEG, "train", str(config), "--no-tracking", "--output", str(out)]
+            for item in overrides:
+                args += ["--set", item]
+            log = logs.enter_context(open(out.parent / f"{out.name}.log", "w"))
+            procs[name] = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        ended = _stop_after(procs, start, seconds)
+    return {name: _best(out, ended[name]) for name, (_, out, _) in runs.items()}
+
+
+def _stop_after(procs: dict[str, subprocess.Popen], start: float, seconds: float) -> dict[str, float]:
+    """Wait for every process, sending SIGTERM to those still running at ``seconds``; their end times."""
+    ended = {}
+    while len(ended) < len(procs):
+        for name, proc in procs.items():
+            if name not in ended and proc.poll() is not None:
+                ended[name] = time.monotonic() - start
+        if time.monotonic() - start >= seconds:
+            for name, proc in procs.items():
+                if name not in ended:
+                    proc.send_signal(signal.SIGTERM)
+            for name, proc in procs.items():
+                if name not in ended:
+                    proc.wait(timeout=600)
+                    ended[name] = time.monotonic() - start
+        time.sleep(1)
+    return ended
+
+
+def _best(out: Path, elapsed: float) -> dict:
     ckpt = out / "checkpoints" / "last.pt"
     if not ckpt.is_file():
-        return {"seconds": elapsed, "best_dice": None, "epochs": 0, "log": proc.stdout.read()[-2000:]}
+        log = (out.parent / f"{out.name}.log").read_text()[-2000:]
+        return {"seconds": elapsed, "best_dice": None, "epochs": 0, "log": log}
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return {"seconds": elapsed, "best_dice": state["best_foreground"], "best_epoch": state["best_epoch"],
             "epochs": state["epoch"]}
@@ -66,11 +96,12 @@ def main() -> int:
     p.add_argument("--size", type=int, nargs=3, default=[96, 96, 24], metavar=("X", "Y", "Z"))
     p.add_argument("--memory", type=float, default=2.0, help="memory budget for the planner, GB (default 2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of each training (default 1)")
+    p.add_argument("--repeats", type=int, default=1, help="repeat the pair (new seeds) to see the spread")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="medseg-plan-bench-"))
-    env = {**os.environ, "MEDSEG_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "MEDSEG_CACHE_DIR": str(work / "cache"), "OMP_NUM_THREADS": str(args.threads)}
     data = work / "lesions"
     if not (data / "dataset.json").is_file():
         medseg("synth", "lesions", "--out", data, "--n", args.n, "--size", *args.size, "--spacing", 0.8, 0.8, 4.0,
@@ -86,18 +117,25 @@ def main() -> int:
     hand_cfg = work / "hand.yaml"
     hand["data"]["root"] = str(data)
     hand_cfg.write_text(yaml.safe_dump(hand))
-    results = {}
-    # the planned config runs its own schedule (planned for this budget); the hand-written one keeps its
-    # schedule but validates every 10 steps instead of every 5 x 50, so that it reports within short budgets
-    for name, config, extra in (("planned", planned, ["data.folds=null"]),
-                                ("lesions3d_unet.yaml", hand_cfg, ["train.iterations_per_epoch=10"])):
-        results[name] = train_for(config, work / name.split(".")[0], args.minutes * 60, same + extra, env)
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.minutes:g} min per config, "
-          f"{len(names) - len(val)} training / {len(val)} validation volumes {' x '.join(map(str, args.size))}, "
-          "0.8 x 0.8 x 4 mm")
-    for name, r in results.items():
-        dice = "n/a" if r["best_dice"] is None else f"{r['best_dice']:.4f} (epoch {r['best_epoch']})"
-        print(f"  {name:22s} best validation foreground Dice {dice}; {r['epochs']} epochs in {r['seconds']:.0f} s")
+    load_before = os.getloadavg()[0]
+    print(f"load average {load_before:.1f} on {os.cpu_count()} cores before; {args.minutes:g} min per config, "
+          f"both at once, {args.threads} torch thread(s) each; {len(names) - len(val)} training / {len(val)} "
+          f"validation volumes {' x '.join(map(str, args.size))}, 0.8 x 0.8 x 4 mm", flush=True)
+    for repeat in range(args.repeats):
+        seed = [f"experiment.seed={repeat + 1}"]
+        # the planned config runs its own schedule (planned for this budget); the hand-written one keeps its
+        # schedule but validates every 10 steps instead of every 5 x 50, so that it reports within short budgets
+        runs = {"planned": (planned, work / f"planned-{repeat}", same + seed + ["data.folds=null"]),
+                "lesions3d_unet.yaml": (hand_cfg, work / f"hand-{repeat}",
+                                        same + seed + ["train.iterations_per_epoch=10"])}
+        results = train_together(runs, args.minutes * 60, env)
+        print(f"repeat {repeat + 1} (seed {repeat + 1}), load average {os.getloadavg()[0]:.1f} at the end:")
+        for name, r in results.items():
+            dice = "n/a" if r["best_dice"] is None else f"{r['best_dice']:.4f} (epoch {r['best_epoch']})"
+            print(f"  {name:22s} best validation foreground Dice {dice}; {r['epochs']} epochs in "
+                  f"{r['seconds']:.0f} s", flush=True)
+            if r["best_dice"] is None:
+                print(r["log"])
     print(f"planned config: {planned}")
     return 0
 

@@ -167,7 +167,11 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def _add_cv(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("cv", help="cross-validation summary over the fold runs of an experiment")
-    p.add_argument("runs", type=Path, help="the experiment's run folder holding fold_0 .. fold_K-1")
+    p.add_argument("runs", type=Path, metavar="RUNS_OR_CONFIG",
+                   help="the experiment's run folder holding fold_0 .. fold_K-1, or its config file (its "
+                        "experiment.output_dir is the run folder)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override, as for train (only with a config file)")
     _add_tracking(p)
 
 

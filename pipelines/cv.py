@@ -2,9 +2,10 @@
 
 A fold run lives in ``<output_dir>/fold_K`` and is an MLflow child (``mlflow.parentRunId``) of one parent run
 recorded in ``<output_dir>/cv_parent.json``; the first fold to start creates it (under a file lock, so folds
-started in parallel agree). ``medseg cv <output_dir>`` reads each fold's validation per-case metrics
-(``fold_K/artifacts/validation_cases.csv``, the best epoch's), prints per-fold and overall means and logs
-them to the parent run.
+started in parallel agree). ``medseg cv <output_dir | CONFIG.yaml>`` reads each fold's validation per-case
+metrics (``fold_K/artifacts/validation_cases.csv``) and, for instance models, the fold's validation instance
+scores (AP@0.5, AP@0.5:0.95 with the tuned thresholds, from the best checkpoint's metadata), prints per-fold
+and overall means and logs them to the parent run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from medseg.config import ExperimentConfig
 from medseg.data.loaders import split_cases
 from medseg.data.splits import load_or_create_folds
+from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError, DataError
 from medseg.tracking import Tracker
 
@@ -98,8 +100,31 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else float("nan")
 
 
+def runs_folder(source: Path, overrides: list[str] | tuple[str, ...] = ()) -> Path:
+    """The folder holding ``fold_K``: ``source`` itself, or the output folder of the config file ``source``."""
+    if source.is_file():
+        from pipelines.common import load_experiment  # the config loader of every command
+
+        return load_experiment(source, overrides).output_dir
+    if not source.is_dir():
+        raise DataError(source, "a run folder holding fold_0 .. fold_K-1, or the experiment's config file")
+    return source
+
+
+def instance_scores(folder: Path) -> dict[str, float]:
+    """A fold's validation instance scores (tuned thresholds), from its best (else last) checkpoint."""
+    for name in ("best.pt", "last.pt"):
+        path = folder / "checkpoints" / name
+        if path.is_file():
+            tuning = (load_checkpoint(path).get("metadata") or {}).get("instances", {}).get("tuning") or {}
+            scores = {"instance_ap50": tuning.get("ap_50"), "instance_map": tuning.get("map")}
+            return {k: float(v) for k, v in scores.items() if v is not None}
+    return {}
+
+
 def summarize(cv_dir: Path) -> dict:
-    """Per fold and overall means of every numeric column of the folds' validation per-case tables."""
+    """Per fold and overall means of every numeric column of the folds' validation per-case tables, plus
+    the folds' instance scores (per fold only: they are computed over a fold's cases together)."""
     folds = sorted((p for p in Path(cv_dir).glob("fold_*") if re.fullmatch(r"fold_\d+", p.name)),
                    key=lambda p: int(p.name[5:]))
     if not folds:
@@ -113,11 +138,19 @@ def summarize(cv_dir: Path) -> dict:
         rows = _read_cases(table)
         numeric = [k for k in rows[0] if k != "case" and _is_number(rows[0][k])] if rows else []
         per_fold[folder.name] = {k: _mean([float(r[k]) for r in rows]) for k in numeric}
+        per_fold[folder.name].update(instance_scores(folder))
         cases += [{"fold": folder.name, **r} for r in rows]
     if not per_fold:
         raise DataError(cv_dir, "no fold has finished validation yet")
     keys = sorted({k for m in per_fold.values() for k in m})
+    # a per-case mean where there are per-case values; a fold-level score is weighted by the fold's cases
     overall = {k: _mean([float(c[k]) for c in cases if k in c and _is_number(c[k])]) for k in keys}
+    sizes = {name: sum(c["fold"] == name for c in cases) for name in per_fold}
+    for k in keys:
+        if math.isnan(overall[k]):
+            pairs = [(m[k], sizes[n]) for n, m in per_fold.items() if k in m and not math.isnan(m[k])]
+            total = sum(w for _, w in pairs)
+            overall[k] = sum(v * w for v, w in pairs) / total if total else float("nan")
     return {"folds": per_fold, "mean_over_cases": overall,
             "mean_over_folds": {k: _mean([m[k] for m in per_fold.values() if k in m]) for k in keys},
             "cases": len(cases), "missing_folds": [p.name for p in folds if p.name not in per_fold]}
@@ -132,7 +165,7 @@ def _is_number(text: str) -> bool:
 
 
 def run_cv_cli(args: argparse.Namespace) -> int:
-    cv_dir = Path(args.runs)
+    cv_dir = runs_folder(Path(args.runs), args.overrides)
     summary = summarize(cv_dir)
     keys = list(summary["mean_over_cases"])
     width = max(len(k) for k in keys) if keys else 4

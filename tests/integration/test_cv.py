@@ -28,6 +28,13 @@ def test_two_folds_then_cv(medseg, tmp_path):
     summary = json.loads((run / "cv_summary.json").read_text())
     assert summary["cases"] == 4 and set(summary["folds"]) == {"fold_0", "fold_1"}
     assert "parent run" in proc.stdout
+    # instance models: each fold's validation AP (tuned thresholds) is in the summary, per fold and overall
+    for fold in summary["folds"].values():
+        assert 0.0 <= fold["instance_map"] <= fold["instance_ap50"] <= 1.0
+    assert summary["mean_over_cases"]["instance_ap50"] >= min(f["instance_ap50"] for f in summary["folds"].values())
+    # the config file names the same run folder: same summary
+    medseg("cv", config, "--no-tracking", cwd=tmp_path)
+    assert json.loads((run / "cv_summary.json").read_text())["mean_over_cases"] == summary["mean_over_cases"]
 
     parent_id = json.loads((run / "cv_parent.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=uri)
@@ -35,3 +42,9 @@ def test_two_folds_then_cv(medseg, tmp_path):
     assert any(k.startswith("cv_dice") for k in parent.data.metrics)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert sorted(r.data.tags["medseg.fold"] for r in children) == ["0", "1"]
+
+
+def test_cv_of_a_missing_folder_is_a_clear_error(medseg, tmp_path):
+    proc = medseg("cv", tmp_path / "nowhere", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "nowhere" in proc.stderr and "fold_0" in proc.stderr
