@@ -248,7 +248,7 @@ class DiceWeightedCELoss(nn.Module):
         size, full_size = tuple(head.shape[2:]), tuple(full.shape[2:])
         if size == full_size:
             return target, weight
-        strides = _head_strides(full_size, size)
+        strides = head_strides(full_size, size)
         if strides is None:
             raise ValueError(
                 f"deep-supervision head {i} spatial size {size} is not on a pooling grid of the full "
@@ -256,7 +256,7 @@ class DiceWeightedCELoss(nn.Module):
             )
         return _downsample_to(strides, target, weight, self.num_classes)
 
-def _head_strides(full: Sequence[int], size: Sequence[int]) -> tuple[int, ...] | None:
+def head_strides(full: Sequence[int], size: Sequence[int]) -> tuple[int, ...] | None:
     """Per axis, the power-of-two stride ``f`` with ``ceil(full / f) == size``, or None if there is none."""
     strides = []
     for n, s in zip(full, size):

@@ -4,7 +4,6 @@ summed over the deep-supervision heads with the class loss's head weights."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medseg.instances.base import Representation
-from medseg.losses import DiceWeightedCELoss, LossOutput, deep_supervision_weights
+from medseg.losses import DiceWeightedCELoss, LossOutput, deep_supervision_weights, head_strides
 
 
 class InstanceLoss(nn.Module):
@@ -81,14 +80,9 @@ def _on_grid(full, size, regression: torch.Tensor, objects: torch.Tensor) -> tup
     full, size = tuple(full), tuple(size)
     if size == full:
         return regression, objects
-    strides = []
-    for n, s in zip(full, size):
-        f = 1
-        while math.ceil(n / f) > s:
-            f *= 2
-        if math.ceil(n / f) != s:
-            raise ValueError(f"deep-supervision head size {size} is not on a pooling grid of {full}")
-        strides.append(f)
+    strides = head_strides(full, size)
+    if strides is None:
+        raise ValueError(f"deep-supervision head size {size} is not on a pooling grid of {full}")
     padding: list[int] = []
     for n, f in zip(reversed(full), reversed(strides)):  # F.pad lists the last axis first
         padding += [0, -n % f]

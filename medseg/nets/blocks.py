@@ -133,6 +133,20 @@ def common_problems(spatial_dims: object, in_channels: object, num_classes: obje
             "num_classes": int_problem(num_classes)}
 
 
+def network_problems(
+    spatial_dims: object, in_channels: object, num_classes: object, *, features: object, depth: object,
+    strides: object, kernel_sizes: object, norm: object, activation: object, dropout: object, kernel_levels: int,
+) -> dict[str, str | None]:
+    """Problems of the arguments the encoder-decoder networks share; ``kernel_levels`` = how many more
+    resolution levels than ``depth`` take a kernel size (UNet: 1, the bottleneck; SegNet: 0)."""
+    levels = depth + kernel_levels if isinstance(depth, int) else None
+    return {**common_problems(spatial_dims, in_channels, num_classes), "features": int_problem(features),
+            "depth": int_problem(depth), "strides": strides_problem(strides, depth, spatial_dims),
+            "kernel_sizes": kernel_sizes_problem(kernel_sizes, levels, spatial_dims),
+            "norm": choice_problem(norm, NORMS), "activation": choice_problem(activation, ACTIVATIONS),
+            "dropout": dropout_problem(dropout)}
+
+
 # -- layer factories -----------------------------------------------------------------------------------
 
 

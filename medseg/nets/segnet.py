@@ -13,23 +13,16 @@ import torch
 from torch import nn
 
 from medseg.nets.blocks import (
-    ACTIVATIONS,
-    NORMS,
     ConvNormAct,
-    choice_problem,
-    common_problems,
     conv_layer,
     crop_to,
-    dropout_problem,
-    int_problem,
-    kernel_sizes_problem,
     max_pool,
     max_unpool,
+    network_problems,
     pad_to_multiple,
     raise_for_arguments,
     resolve_kernel_sizes,
     resolve_strides,
-    strides_problem,
     total_stride,
 )
 
@@ -83,14 +76,9 @@ class SegNet(nn.Module):
         super().__init__()
         raise_for_arguments(
             "SegNet",
-            **common_problems(spatial_dims, in_channels, num_classes),
-            features=int_problem(features),
-            depth=int_problem(depth),
-            strides=strides_problem(strides, depth, spatial_dims),
-            kernel_sizes=kernel_sizes_problem(kernel_sizes, depth, spatial_dims),
-            norm=choice_problem(norm, NORMS),
-            activation=choice_problem(activation, ACTIVATIONS),
-            dropout=dropout_problem(dropout),
+            **network_problems(spatial_dims, in_channels, num_classes, features=features, depth=depth,
+                               strides=strides, kernel_sizes=kernel_sizes, norm=norm, activation=activation,
+                               dropout=dropout, kernel_levels=0),
         )
         self.depth = depth
         self.strides = resolve_strides(strides, depth, spatial_dims)

@@ -16,25 +16,20 @@ import torch
 from torch import nn
 
 from medseg.nets.blocks import (
-    ACTIVATIONS,
-    NORMS,
     UPSAMPLES,
     DoubleConv,
     Down,
     Up,
     bool_problem,
     choice_problem,
-    common_problems,
     conv_layer,
     crop_to,
-    dropout_problem,
     int_problem,
-    kernel_sizes_problem,
+    network_problems,
     pad_to_multiple,
     raise_for_arguments,
     resolve_kernel_sizes,
     resolve_strides,
-    strides_problem,
     total_stride,
 )
 
@@ -101,15 +96,9 @@ class UNetPlusPlus(nn.Module):
         super().__init__()
         raise_for_arguments(
             "UNetPlusPlus",
-            **common_problems(spatial_dims, in_channels, num_classes),
-            features=int_problem(features),
-            depth=int_problem(depth),
-            strides=strides_problem(strides, depth, spatial_dims),
-            kernel_sizes=kernel_sizes_problem(kernel_sizes, depth + 1 if isinstance(depth, int) else None,
-                                              spatial_dims),
-            norm=choice_problem(norm, NORMS),
-            activation=choice_problem(activation, ACTIVATIONS),
-            dropout=dropout_problem(dropout),
+            **network_problems(spatial_dims, in_channels, num_classes, features=features, depth=depth,
+                               strides=strides, kernel_sizes=kernel_sizes, norm=norm, activation=activation,
+                               dropout=dropout, kernel_levels=1),
             upsample=choice_problem(upsample, UPSAMPLES),
             deep_supervision=bool_problem(deep_supervision),
             prune_level=None if prune_level is None else int_problem(prune_level),
