@@ -391,8 +391,10 @@ class TrainConfig(_Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     grad_clip: float | None = Field(12.0, gt=0.0)
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA when supported, else fp16; off on CPU
+    # auto: bf16 on CUDA when supported, else fp16; fp32 on CPU, where bf16 (AVX512-BF16/AMX CPUs) must be asked for
+    amp: Literal["auto", "bf16", "fp16", "fp32", "off"] = "auto"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the network (first steps slower while it compiles)
     val_every: int = Field(1, gt=0)
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -403,6 +405,8 @@ class InferenceConfig(_Section):
     overlap: float = Field(0.5, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(4, gt=0)
     tta: bool = False
+    # autocast: auto = bf16 where the hardware has it (CPU AVX512-BF16/AMX, Ampere+ GPU), fp16 on older GPUs
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     cell_class: int | None = Field(None, ge=0)  # instance output: class id of cell interiors
     border_class: int | None = Field(None, ge=0)  # and of the border class separating touching cells
     min_instance_size: int = Field(8, ge=0)

@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.precision import detect, resolve_precision
+
 __all__ = ["SlidingWindowPredictor", "gaussian_importance_map", "sliding_window_grid"]
 
 log = logging.getLogger(__name__)
 
-_AMP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 # Finalising a slab (argmax, casts) runs in chunks of about this many voxels to bound its temporaries.
 _CHUNK_VOXELS = 1 << 22
 
@@ -164,8 +165,9 @@ class SlidingWindowPredictor:
         device: where the model runs.
         stitch_device: where the accumulator lives; ``None``: the compute device when the accumulator fits in
             half of its free memory, else the CPU.
-        amp: ``"auto"`` (bfloat16, or float16 without bf16 support, on CUDA; off on CPU), ``True``/``False``,
-            or a dtype name ``"bf16"``/``"fp16"``.
+        amp: the autocast precision: ``"auto"`` (bfloat16 where the hardware computes it natively: CPUs with
+            AVX512-BF16/AMX, Ampere+ GPUs; float16 on older GPUs; else float32), ``"fp32"``, ``"bf16"``,
+            ``"fp16"``, ``True`` (= auto), ``False`` (= fp32) or a torch dtype (see :mod:`medseg.precision`).
         channels_last: feed the model channels-last windows.
         tta: average over every combination of flips of ``tta_axes``.
         tta_axes: spatial axes to flip (0 = first spatial axis); ``None``: all.
@@ -192,7 +194,7 @@ class SlidingWindowPredictor:
         sigma_scale: float = 0.125,
         device: str | torch.device = "cpu",
         stitch_device: str | torch.device | None = None,
-        amp: bool | str = "auto",
+        amp: bool | str | torch.dtype | None = "auto",
         channels_last: bool = False,
         tta: bool = False,
         tta_axes: Sequence[int] | None = None,
@@ -252,18 +254,13 @@ class SlidingWindowPredictor:
                 model.to(memory_format=self.memory_format)
         self.model = model
 
-    def _resolve_amp(self, amp: bool | str) -> torch.dtype | None:
-        if amp is False:
-            return None
-        if amp == "auto" or amp is True:
-            if self.device.type == "cuda":
-                native_bf16 = torch.cuda.get_device_capability(self.device)[0] >= 8  # Ampere and later
-                return torch.bfloat16 if native_bf16 else torch.float16
-            # bf16 on CPU pays off only with native bf16 units; an explicit dtype name forces it.
-            return torch.bfloat16 if amp is True else None
-        if isinstance(amp, str) and amp in _AMP_DTYPES:
-            return _AMP_DTYPES[amp]
-        raise ValueError(f"amp must be 'auto', True, False or one of {', '.join(_AMP_DTYPES)}; received {amp!r}")
+    def _resolve_amp(self, amp: bool | str | torch.dtype | None) -> torch.dtype | None:
+        if amp is None or isinstance(amp, torch.dtype):
+            if amp not in (None, torch.float32, torch.bfloat16, torch.float16):
+                raise ValueError(f"amp dtype must be float32, bfloat16 or float16; received {amp}")
+            return None if amp in (None, torch.float32) else amp
+        # auto: bf16 on CPUs with native bf16 and on Ampere+ GPUs, fp16 on older GPUs, else float32
+        return resolve_precision(amp, self.device.type, detect(self.device))
 
     # ----------------------------------------------------------------------------------- public API
     def __call__(self, image: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -139,6 +139,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--overlap", type=float, default=None, help="sliding-window overlap in [0, 1) (default: model's)")
     p.add_argument("--sw-batch-size", type=int, default=None, help="windows per forward pass (default: model's)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=None,
+                   help="autocast precision; auto: bf16 where the hardware has it (CPUs with AVX512-BF16 or AMX, "
+                        "Ampere+ GPUs), fp16 on older GPUs, else fp32 (default: the model's inference.precision)")
     p.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
     p.add_argument("--instances", action="store_true",
                    help="also write instance maps (<case>_instances), split by the model's instance representation "

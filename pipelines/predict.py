@@ -138,7 +138,8 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module | ExportedNetwork, meta: dict[str, Any], *, device: torch.device,
                  tta: bool | None, overlap: float | None, sw_batch_size: int | None, instances: bool,
-                 probabilities: bool, nonfinite: str = "error", overrides: list[str] | None = None):
+                 probabilities: bool, nonfinite: str = "error", overrides: list[str] | None = None,
+                 precision: str | None = None):
         inf = meta.get("inference", {})
         self.meta = meta
         self.transform = prediction_transform(meta, nonfinite=nonfinite)
@@ -150,7 +151,9 @@ class Predictor:
             sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
             device=device, tta=inf.get("tta", False) if tta is None else tta,
             regression_channels=regression_channels(meta), vector_axes=rep_meta.get("vector_axes") or None,
+            amp=inf.get("precision", "auto") if precision is None else precision,
         )
+        log.info("prediction precision: %s", self.window.amp_dtype or "float32")
         self.instances, self.probabilities = instances, probabilities
         if instances and meta.get("label_kind") != "instance":
             log.warning("--instances: the model was not trained on instance labels; cells split by connectivity only")
@@ -236,17 +239,19 @@ def predict_batch(
     model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
     tta: bool | None = None, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
     probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True, nonfinite: str = "error",
-    overrides: list[str] | None = None,
+    overrides: list[str] | None = None, precision: str | None = None,
 ) -> list[CaseRecord]:
     """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong.
 
-    ``tta``, ``overlap`` and ``sw_batch_size`` left at None take the model's ``inference`` settings. A scan with
+    ``tta``, ``overlap``, ``sw_batch_size`` and ``precision`` (``auto``, ``fp32``, ``bf16``, ``fp16``) left at
+    None take the model's ``inference`` settings. A scan with
     NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
     degenerate affine or the wrong channel count fails when loaded, before any compute.
     ``overrides``: ``KEY=VALUE`` post-processing settings (see :meth:`Predictor._apply_overrides`).
     """
     engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
-                       instances=instances, probabilities=probabilities, nonfinite=nonfinite, overrides=overrides)
+                       instances=instances, probabilities=probabilities, nonfinite=nonfinite, overrides=overrides,
+                       precision=precision)
     records = [CaseRecord(output_path(s, out_dir).name.split(".")[0], str(s), str(output_path(s, out_dir)))
                for s in scans]
     todo = []
@@ -385,7 +390,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
             model, meta, mine, args.output, device=dist_info.device, tta=args.tta, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
             skip_existing=args.skip_existing, show_progress=dist_info.is_main, nonfinite=args.nonfinite,
-            overrides=args.overrides,
+            overrides=args.overrides, precision=args.precision,
         )
         name = "manifest" if not dist_info.enabled else f"manifest_rank{dist_info.rank}"
         write_manifest(records, args.output, skipped if dist_info.is_main else [], name)

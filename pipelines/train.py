@@ -277,6 +277,8 @@ def _build_components(cfg: ExperimentConfig, data: _Data, dist_info: dist.DistIn
     if dist_info.enabled:
         ddp_ids = [device.index] if device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ddp_ids)
+    if cfg.train.compile:  # the step runs the compiled graph; checkpoints and validation use the plain model
+        net = torch.compile(net)
     optimizer = build_optimizer(net.parameters(), cfg.train.optimizer)
     scheduler = build_scheduler(optimizer, cfg.train.scheduler, cfg.train.epochs, data.iterations)
     amp_dtype = resolve_amp(cfg.train.amp, device)
@@ -369,7 +371,7 @@ def _predictor(cfg: ExperimentConfig, data: _Data, parts: _Components, dist_info
     return SlidingWindowPredictor(
         parts.model, cfg.transforms.patch_size, len(data.class_names), overlap=cfg.inference.overlap,
         sw_batch_size=cfg.inference.sw_batch_size, device=dist_info.device,
-        amp=parts.settings.amp_dtype is not None, regression_channels=n_reg,
+        amp=parts.settings.amp_dtype, regression_channels=n_reg,
         vector_axes=rep.vector_axes(dims) if n_reg else None,
     )
 

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from medseg.precision import detect, resolve_precision
+
 
 @dataclass
 class StepSettings:
@@ -40,12 +42,9 @@ class StepSettings:
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA devices that support it, else fp16; off on CPU (CPU autocast is slower here)."""
-    if amp == "off" or device.type != "cuda":
-        return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+    """The training autocast dtype: ``auto`` is bf16 on CUDA devices with native bf16, else fp16, and float32
+    on CPU; ``bf16``/``fp16`` are honoured on CPU too (bf16 pays off on CPUs with AVX512-BF16 or AMX)."""
+    return resolve_precision(amp, device.type, detect(device), cpu_auto=False)
 
 
 @dataclass

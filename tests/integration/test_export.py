@@ -22,8 +22,9 @@ def scans(tmp_path_factory):
 
 
 def _predict(model, scans, out):
+    # fp32: the torch checkpoint would otherwise run bf16 on a CPU that has it, the ONNX network never
     run_medseg("predict", "--model", model, "--input", scans, "--output", out, "--instances", "--save-probabilities",
-               "--tta")
+               "--tta", "--precision", "fp32")
     return {name: (tifffile.imread(out / f"{name}.tif"), tifffile.imread(out / f"{name}_instances.tif"),
                    np.load(out / f"{name}_probabilities.npz")["probabilities"].astype(np.float32))
             for name in ("a", "b")}
