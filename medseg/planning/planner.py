@@ -18,6 +18,10 @@ nnU-Net's recipe (Isensee et al. 2021, ``default_experiment_planner.py``), with 
 - instance data (cells): the weight map's sigma and the smallest kept object scale with the measured object
   diameter (the U-Net paper's sigma = 5 px suits ~25 px cells); the representation follows how often
   objects touch.
+- time budget (``hours``, medseg's own): when the measured step leaves fewer than ``MIN_STEPS`` training
+  steps in the budget, a network trained that briefly learns little, so the step is made cheaper first:
+  features halved (down to 8), then the patch shrunk in proportion to the missing steps (a step's time
+  follows its voxels), each choice measured again. nnU-Net plans for the GPU it assumes and has no budget.
 - schedule: epochs from ``hours`` and the measured step time.
 """
 
@@ -45,6 +49,8 @@ ITERATIONS_PER_EPOCH = 250  # nnU-Net's epoch
 DEFAULT_EPOCHS = 1000  # nnU-Net's schedule when no time budget is given
 REFERENCE_DIAMETER = 25.0  # px: the U-Net paper's w0=10, sigma=5 were chosen for cells about this size
 FEATURES = 32
+MIN_FEATURES = 8  # the time budget never halves the features below this
+MIN_STEPS = 250  # with --hours: at least one nnU-Net epoch of steps, else the step is made cheaper
 
 
 @dataclass
@@ -246,6 +252,55 @@ def fit_plan(memory: MemoryModel, median_shape: list[float], spacing: list[float
                                   f"{memory.features} features")
 
 
+class _Fitter:
+    """Fits patch, batch and features to the memory budget and, with ``hours``, to the time budget."""
+
+    def __init__(self, probe: StepProbe, model: str, dims: int, in_channels: int, classes: int,
+                 median_shape: list[float], spacing: list[float], dataset_voxels: float):
+        self.probe, self.model, self.dims, self.in_channels, self.classes = probe, model, dims, in_channels, classes
+        self.median_shape, self.spacing, self.dataset_voxels = median_shape, spacing, dataset_voxels
+        self.why, self.time_limited = "the memory budget", False
+
+    def memory(self, budget: float, features: int, floor: int = 4) -> tuple:
+        """``(patch, batch, strides, kernels, cost, batch note, features)``; features halved (not below
+        ``floor``) until one fits."""
+        while True:
+            memory = MemoryModel(self.probe, self.model, features, self.dims, self.in_channels, self.classes)
+            try:
+                return (*fit_plan(memory, self.median_shape, self.spacing, budget, self.dataset_voxels), features)
+            except ConfigError:
+                if features // 2 < floor:
+                    raise
+                features //= 2
+
+    def in_time(self, budget: float, hours: float | None) -> tuple:
+        """The memory fit, made cheaper (features, then patch) until ``MIN_STEPS`` measured steps fit ``hours``."""
+        best = self.memory(budget, FEATURES)
+        target = budget
+        for _ in range(6):
+            if hours is None or _steps(hours, best[4].seconds) >= MIN_STEPS:
+                break
+            short = _steps(hours, best[4].seconds) / MIN_STEPS
+            if best[6] > MIN_FEATURES:
+                found = self.memory(budget, best[6] // 2)
+                self.why = f"{MIN_STEPS} steps in --hours {hours:g}"
+            else:  # a step's time follows its voxels: shrink the patch's memory target in proportion
+                target = min(target, best[4].bytes) * max(short, 0.25)
+                try:
+                    found = self.memory(target, best[6], floor=best[6])
+                except ConfigError:
+                    break  # the smallest patch: keep the last fit
+                self.time_limited = True
+            if found[4].seconds >= best[4].seconds:
+                break  # no cheaper step to be had
+            best = found
+        return best
+
+
+def _steps(hours: float, step_seconds: float) -> int:
+    return max(1, int(hours * 3600 * 0.9 / step_seconds))  # 10 % left for validation
+
+
 # -- instances and schedule ----------------------------------------------------------------------------
 
 
@@ -279,7 +334,7 @@ def schedule(hours: float | None, step_seconds: float, draft: _Draft) -> None:
         draft.set("train.iterations_per_epoch", ITERATIONS_PER_EPOCH, "nnU-Net's epoch")
         draft.set("train.val_every", 5)
         return
-    iterations = max(1, int(hours * 3600 * 0.9 / step_seconds))  # 10 % left for validation
+    iterations = _steps(hours, step_seconds)
     long_run = iterations >= 10 * ITERATIONS_PER_EPOCH
     epochs = iterations // ITERATIONS_PER_EPOCH if long_run else min(10, iterations)
     per_epoch = max(1, iterations // epochs)
@@ -351,29 +406,21 @@ def plan_experiment(fp: Fingerprint, root: str, *, device: str = "cpu", memory_g
     shapes = np.array([c.shape for c in fp.cases], dtype=float) * scale
     median_shape = [float(v) for v in np.median(shapes, axis=0)]
     classes = 3 if fp.label_kind == "instance" else max(2, len(fp.class_fractions))
-    in_channels = len(fp.channels)
-    features = FEATURES
-    while True:
-        memory = MemoryModel(probe, model, features, dims, in_channels, classes)
-        try:
-            patch, batch, strides, kernels, cost, batch_note = fit_plan(
-                memory, median_shape, seen_spacing, budget, float(shapes.prod(axis=1).sum()))
-            break
-        except ConfigError:
-            if features <= 4:
-                raise
-            features //= 2
+    fit = _Fitter(probe, model, dims, len(fp.channels), classes, median_shape, seen_spacing,
+                  float(shapes.prod(axis=1).sum()))
+    patch, batch, strides, kernels, cost, batch_note, features = fit.in_time(budget, hours)
     params = network_params(model, features, strides, kernels)
     aniso = any(len(set(s)) > 1 for s in strides) or any(len(set(k)) > 1 for k in kernels)
     draft.set("model.name", model)
     draft.set("model.params", params,
               f"pool each axis while >= {MIN_BOTTLENECK} voxels remain and its spacing <= 2x the finest; "
               + ("anisotropic strides/kernels; " if aniso else "")
-              + (f"features {features}" + (f" (halved from {FEATURES} to fit the budget)" if features < FEATURES
+              + (f"features {features}" + (f" (halved from {FEATURES} to fit {fit.why})" if features < FEATURES
                                            else " (nnU-Net)")))
     draft.set("transforms.patch_size", patch,
               f"median shape {_fmt(round(m, 1) for m in median_shape)} at the target spacing, shrunk until a "
-              f"measured step at batch 2 fits {budget_note} ({budget / 2**30:.2f} GiB); divisible by the pooling")
+              f"measured step at batch 2 fits {budget_note} ({budget / 2**30:.2f} GiB)"
+              + (f" and {MIN_STEPS} steps fit --hours" if fit.time_limited else "") + "; divisible by the pooling")
     draft.set("transforms.foreground_ratio", 0.33, "nnU-Net's foreground oversampling")
     preset, why = _augmentation(fp)
     draft.set("transforms.augmentation", {"preset": preset}, why)

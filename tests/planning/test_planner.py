@@ -8,6 +8,8 @@ from medseg.errors import ConfigError
 from medseg.planning.fingerprint import CaseFingerprint, ChannelStats, Fingerprint, ObjectStats, fingerprint_dataset
 from medseg.planning.planner import (
     MIN_BOTTLENECK,
+    MIN_FEATURES,
+    MIN_STEPS,
     _Draft,
     instance_settings,
     normalisation,
@@ -87,7 +89,7 @@ def test_weight_map_sigma_and_min_size_scale_with_the_object_diameter():
 def test_planned_patch_fits_the_budget_measured(lesions_aniso, tmp_path, probe_cache):
     fp, _ = fingerprint_dataset(lesions_aniso, tmp_path / "fp.json")
     gb = 0.12
-    plan = plan_experiment(fp, str(lesions_aniso), memory_gb=gb, hours=0.01,
+    plan = plan_experiment(fp, str(lesions_aniso), memory_gb=gb,
                            probe=StepProbe("cpu", cache=probe_cache, steps=1))
     # the plan's own verification: peak resident memory of a fresh process at the planned patch and batch
     assert plan.cost.method == "peak-rss"
@@ -110,6 +112,19 @@ def test_written_yaml_loads_to_the_planned_config(cells_2d, tmp_path, probe_cach
     for key in ("patch_size", "batch_size", "sigma", "min_instance_size", "epochs"):
         line = next(line for line in text.splitlines() if key in line)
         assert "#" in line, f"{key} has no comment saying where it came from"
+
+
+def test_a_short_time_budget_makes_the_step_cheaper(cells_2d, tmp_path, probe_cache):
+    fp, _ = fingerprint_dataset(cells_2d, tmp_path / "fp.json")
+    probe = StepProbe("cpu", cache=probe_cache, steps=2, rss=False)
+    free = plan_experiment(fp, str(cells_2d), memory_gb=0.2, probe=probe)
+    hours = 0.5 * free.cost.seconds * MIN_STEPS / 3600  # half the time MIN_STEPS steps of the free plan need
+    timed = plan_experiment(fp, str(cells_2d), memory_gb=0.2, hours=hours, probe=probe)
+    smaller = (timed.config.model.params["features"] < free.config.model.params["features"]
+               or math.prod(timed.config.transforms.patch_size) < math.prod(free.config.transforms.patch_size))
+    assert smaller and timed.cost.seconds < free.cost.seconds  # both measured by the probe, not assumed
+    assert timed.config.model.params["features"] >= MIN_FEATURES
+    assert f"{MIN_STEPS} steps" in " ".join(timed.notes.values())  # the config says why
 
 
 def test_a_budget_too_small_for_any_patch_is_a_clear_error(cells_2d, tmp_path, probe_cache):
