@@ -6,16 +6,13 @@ import pytest
 from medseg.config import load_config
 from medseg.errors import ConfigError
 from medseg.planning.fingerprint import CaseFingerprint, ChannelStats, Fingerprint, ObjectStats, fingerprint_dataset
+from medseg.planning.fitting import MIN_BOTTLENECK, MIN_FEATURES, MIN_STEPS, topology
 from medseg.planning.planner import (
-    MIN_BOTTLENECK,
-    MIN_FEATURES,
-    MIN_STEPS,
     _Draft,
     instance_settings,
     normalisation,
     plan_experiment,
     target_spacing,
-    topology,
 )
 from medseg.planning.probe import StepProbe, measure_step_peak_rss
 from medseg.planning.render import plan_yaml
