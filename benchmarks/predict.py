@@ -25,7 +25,7 @@ volume (:func:`medseg.data.synth.make_lesions`, 1 mm isotropic), so that the Dic
     or writes instances or probabilities.
 (c) 16 NIfTI lesion volumes of 96^3 predicted into a folder by :func:`pipelines.predict.predict_batch`
     (reads the next scan and writes the last in threads while computing) and by a sequential loop over the
-    same :class:`pipelines.predict.Predictor` (load -> compute -> write, one after the other), run in the
+    same :class:`medseg.predictor.CasePredictor` (load -> compute -> write, one after the other), run in the
     order sequential, batch, batch, sequential and averaged. The loop's
     own load / compute / write times bound what any overlap can gain: ``sum / max(compute, load + write)``.
 
@@ -60,7 +60,8 @@ from medseg.engine.optim import Scheduler
 from medseg.inference import SlidingWindowPredictor
 from medseg.losses import DiceWeightedCELoss
 from medseg.nets import build_network
-from pipelines.predict import Predictor, output_path, predict_batch
+from medseg.predictor import CasePredictor
+from pipelines.predict import output_path, predict_batch
 
 NUM_CLASSES = 2
 SIZES = {
@@ -278,7 +279,7 @@ def part_c(model, size, device, folder: Path) -> None:
 
     def sequential(out: Path) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
-        engine = Predictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
+        engine = CasePredictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
                            instances=False, probabilities=False)
         times = {"load": 0.0, "compute": 0.0, "write": 0.0}
         for scan in scans:

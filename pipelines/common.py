@@ -21,7 +21,6 @@ from medseg.nets import check_network
 from medseg.transforms.presets import (
     build_augmentation,
     build_mirror_pad,
-    build_normalization,
     build_preprocessing,
 )
 
@@ -198,18 +197,6 @@ def validation_transform(cfg: ExperimentConfig, in_channels: int | None = None) 
     return T.Compose(_preprocessing(cfg, in_channels) + [T.SelectItemsd(keys=keys, allow_missing_keys=True)])
 
 
-def prediction_transform(meta: dict[str, Any], nonfinite: str = "error") -> T.Compose:
-    """What prediction applies to a scan, rebuilt from a model's metadata (no config needed); a scan that is
-    not finite (unless ``nonfinite="replace"``), has a degenerate affine or the wrong channel count fails here,
-    before any compute."""
-    chain = list(load_transforms(("image",)))
-    chain.append(ValidateImaged(("image",), in_channels=meta.get("in_channels"), nonfinite=nonfinite))
-    if meta.get("spacing") is not None:
-        chain.append(T.Spacingd(keys=("image",), pixdim=meta["spacing"], mode="bilinear"))
-    chain.append(build_normalization(meta["normalize"]))
-    return T.Compose(chain)
-
-
 def display_slice(image, *labels):
     """A picture of a case for a montage: ``image`` [C *S] and label maps [*S] (numpy) -> an image [H W] or
     [H W 3] and the labels [H W]. Arrays are [x, y(, z)] as MONAI loads them, so 2D is transposed back to
@@ -254,11 +241,6 @@ def instances_metadata(cfg: ExperimentConfig, thresholds: dict[str, float] | Non
         "thresholds": thresholds if thresholds is not None else rep.check_thresholds(cfg.instances.postprocess),
         "tuned": thresholds is not None,
     }
-
-
-def regression_channels(meta: dict[str, Any]) -> int:
-    """``R`` of a model's metadata (0 for models without a representation, e.g. older ones)."""
-    return int((meta.get("instances") or {}).get("regression_channels", 0))
 
 
 def dataset_fingerprint(dataset: DatasetInfo) -> str:

@@ -27,15 +27,11 @@ import torch
 from medseg.data.readers import IMAGE_EXTENSIONS, is_hidden, is_image_path, split_name
 from medseg.data.writers import write_image
 from medseg.engine import distributed as dist
-from medseg.engine.checkpoint import load_checkpoint, load_weights
 from medseg.ensemble import ProbabilityEnsemble, check_members
 from medseg.errors import ConfigError, DataError, find_cause
 from medseg.export import ExportedNetwork, is_export_folder, load_exported
-from medseg.inference import SlidingWindowPredictor
-from medseg.instances import build_representation
-from medseg.nets import build_network
-from medseg.postprocess import cell_instances, probabilities_to_labels
-from pipelines.common import ensure_writable, prediction_transform, regression_channels
+from medseg.predictor import CasePredictor, load_model_file
+from pipelines.common import ensure_writable
 from pipelines.progress import Progress
 
 log = logging.getLogger("medseg.predict")
@@ -80,16 +76,7 @@ def load_trained_model(source: str, tracking_uri: str | None = None, device: str
             raise DataError(path, "no checkpoints/best.pt or checkpoints/last.pt in this folder (a training output?)")
     if not path.is_file():
         raise DataError(path, "model not found: expected a checkpoint, a run folder, runs:/<id>/model or models:/...")
-    state = load_checkpoint(path)
-    meta = state.get("metadata")
-    if not meta:
-        raise DataError(path, "checkpoint carries no model metadata (was it written by `medseg train`?)")
-    model = build_network(
-        meta["model"]["name"], meta["model"]["params"], spatial_dims=meta["spatial_dims"],
-        in_channels=meta["in_channels"], num_classes=len(meta["classes"]) + regression_channels(meta),
-    )
-    load_weights(model, state["model"], path, what=f"the {meta['model']['name']} its metadata describes")
-    return model.eval(), meta
+    return load_model_file(path)
 
 
 def load_models(sources: str | list[str], tracking_uri: str | None = None, device: str | torch.device = "cpu",
@@ -133,106 +120,7 @@ def output_path(scan: Path, out_dir: Path, suffix: str = "") -> Path:
     return out_dir / f"{stem}{suffix}{ext if ext else '.nii.gz'}"
 
 
-class Predictor:
-    """Predicts one scan: preprocess as in training, sliding window, back to the input's geometry, write."""
-
-    def __init__(self, model: torch.nn.Module | ExportedNetwork, meta: dict[str, Any], *, device: torch.device,
-                 tta: bool | None, overlap: float | None, sw_batch_size: int | None, instances: bool,
-                 probabilities: bool, nonfinite: str = "error", overrides: list[str] | None = None,
-                 precision: str | None = None):
-        inf = meta.get("inference", {})
-        self.meta = meta
-        self.transform = prediction_transform(meta, nonfinite=nonfinite)
-        self.num_classes = len(meta["classes"])
-        rep_meta = meta.get("instances") or {}
-        self.window = SlidingWindowPredictor(
-            model, meta["patch_size"], self.num_classes,
-            overlap=inf.get("overlap", 0.5) if overlap is None else overlap,
-            sw_batch_size=inf.get("sw_batch_size", 4) if sw_batch_size is None else sw_batch_size,
-            device=device, tta=inf.get("tta", False) if tta is None else tta,
-            regression_channels=regression_channels(meta), vector_axes=rep_meta.get("vector_axes") or None,
-            amp=inf.get("precision", "auto") if precision is None else precision,
-        )
-        log.info("prediction precision: %s", self.window.amp_dtype or "float32")
-        self.instances, self.probabilities = instances, probabilities
-        if instances and meta.get("label_kind") != "instance":
-            log.warning("--instances: the model was not trained on instance labels; cells split by connectivity only")
-        self.cell_class = inf.get("cell_class") or 1
-        self.border_class = inf.get("border_class")
-        if self.border_class is None and meta.get("instance_to_semantic") == "cell_border":
-            self.border_class = 2
-        self.min_size = inf.get("min_instance_size", 8)
-        self.representation, self.thresholds = None, {}
-        if rep_meta:  # models trained with an instance representation
-            self.representation = build_representation(rep_meta["target"], rep_meta.get("params"))
-            self.thresholds = dict(rep_meta.get("thresholds") or {})
-        self._apply_overrides(overrides or [])
-
-    def _apply_overrides(self, overrides: list[str]) -> None:
-        """``--set instances.postprocess.<name>=<value>`` and ``--set inference.min_instance_size=<n>``."""
-        for item in overrides:
-            key, sep, text = item.partition("=")
-            key = key.strip()
-            try:
-                value = float(text)
-            except ValueError:
-                value = None
-            if not sep or value is None:
-                example = "instances.postprocess.foreground=0.4"
-                raise ConfigError("--set", f"expected KEY=NUMBER, e.g. {example}; got {item!r}")
-            if key == "inference.min_instance_size" and value >= 0 and value == int(value):
-                self.min_size = int(value)
-            elif key.startswith("instances.postprocess.") and self.representation is not None:
-                name = key.removeprefix("instances.postprocess.")
-                try:
-                    self.thresholds = self.representation.check_thresholds({**self.thresholds, name: value})
-                except ValueError as err:
-                    raise ConfigError(key, str(err)) from None
-            else:
-                names = sorted(self.representation.thresholds) if self.representation is not None else []
-                valid = ", ".join(["inference.min_instance_size"] + [f"instances.postprocess.{n}" for n in names])
-                raise ConfigError(key, f"cannot be set at prediction time (or bad value {text!r}); expected one of: "
-                                  f"{valid}")
-        if overrides:
-            log.info("post-processing: min_instance_size %d, thresholds %s", self.min_size, self.thresholds)
-    def load(self, scan: Path) -> dict:
-        return self.transform({"image": str(scan)})
-
-    def compute(self, data: dict) -> dict[str, Any]:
-        image = data["image"]
-        meta = image.meta
-        if not (self.instances or self.probabilities or self.meta.get("spacing") is not None):
-            # labels only: streamed slab by slab, never the K x volume of class probabilities in memory
-            return {"meta": meta, "labels": self.window.predict_labels(image)}
-        probs = self.window(image)
-        if self.meta.get("spacing") is not None:  # back to the scan's own grid through MONAI's inverse
-            probs, meta = self._invert(data, probs)
-        k = self.num_classes
-        out: dict[str, Any] = {"meta": meta, "labels": probabilities_to_labels(probs[:k])}
-        if self.instances:
-            array = probs.float().cpu().numpy()
-            if self.representation is not None:
-                regression = array[k:] if array.shape[0] > k else None
-                out["instances"] = self.representation.postprocess(
-                    array[:k], regression, min_size=self.min_size, **self.thresholds
-                )
-            else:  # a model from before instance representations: its border class, as it was trained
-                out["instances"] = cell_instances(
-                    array, cell_class=self.cell_class, border_class=self.border_class, min_size=self.min_size
-                )
-        if self.probabilities:
-            out["probabilities"] = probs[:k].cpu().numpy().astype(np.float16)
-            if probs.shape[0] > k:
-                out["regression"] = probs[k:].cpu().numpy().astype(np.float16)
-        return out
-
-    def _invert(self, data: dict, probs: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        from monai.data import MetaTensor
-
-        pred = MetaTensor(probs.cpu(), meta=dict(data["image"].meta),
-                          applied_operations=list(data["image"].applied_operations))
-        inverted = self.transform.inverse({"image": pred})["image"]
-        return inverted.as_tensor(), dict(inverted.meta)
+Predictor = CasePredictor  # the per-case engine lives in medseg.predictor (shared with the MLflow pyfunc)
 
 
 def predict_batch(
@@ -247,11 +135,11 @@ def predict_batch(
     None take the model's ``inference`` settings. A scan with
     NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
     degenerate affine or the wrong channel count fails when loaded, before any compute.
-    ``overrides``: ``KEY=VALUE`` post-processing settings (see :meth:`Predictor._apply_overrides`).
+    ``overrides``: ``KEY=VALUE`` post-processing settings (see :class:`medseg.predictor.CasePredictor`).
     """
-    engine = Predictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
-                       instances=instances, probabilities=probabilities, nonfinite=nonfinite, overrides=overrides,
-                       precision=precision)
+    engine = CasePredictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
+                           instances=instances, probabilities=probabilities, nonfinite=nonfinite,
+                           overrides=overrides, precision=precision)
     records = [CaseRecord(output_path(s, out_dir).name.split(".")[0], str(s), str(output_path(s, out_dir)))
                for s in scans]
     todo = []

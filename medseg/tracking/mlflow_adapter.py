@@ -6,7 +6,7 @@ described in :mod:`medseg.tracking`. mlflow is imported lazily, so ``--no-tracki
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import json
 import logging
 import shutil
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.tracking.journal import FallbackJournal
-from medseg.tracking.models import fluent_scope, model_options, quiet
+from medseg.tracking.models import fluent_scope, log_pyfunc, quiet, save_pyfunc
 from medseg.tracking.store import (
     CALL_LIMITS,
     HEAVY_LIMITS,
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# what the pyfunc needs to rebuild the network and run inference (see medseg.predictor)
+MODEL_METADATA_KEYS = ("model", "spatial_dims", "in_channels", "classes", "patch_size", "normalize")
 _STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -74,10 +76,17 @@ class Tracker:
             fails); ``None`` means failed calls are only warned about.
         enabled: ``False`` turns the tracker into a no-op that never imports mlflow.
         retry_every_s: while the server is unreachable, how often one call may probe whether it is back.
+        system_metrics: record CPU, memory, disk, network (and GPU, when there is one) as ``system/*``
+            metrics every ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (default 10) while the run lasts.
+        annotate: only add to the run ``run_id`` (``medseg evaluate --run-id``): its status and its start and
+            end times are left as they are.
     """
 
     def __init__(self, uri: str | None, experiment: str, run_name: str | None = None, run_id: str | None = None,
-                 fallback_dir: Path | None = None, enabled: bool = True, retry_every_s: float = 30.0):
+                 fallback_dir: Path | None = None, enabled: bool = True, retry_every_s: float = 30.0,
+                 system_metrics: bool = False, annotate: bool = False):
+        if annotate and run_id is None:
+            raise ValueError("annotate=True needs the run_id of the run to add to")
         self.uri = resolve_tracking_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
@@ -91,6 +100,8 @@ class Tracker:
         self._offline_until: float | None = None  # monotonic time of the next probe while offline
         self._warned_locked = False
         self._ended = False
+        self.system_metrics, self.annotate = system_metrics, annotate
+        self._monitor: Any = None
 
     @property
     def fallback_file(self) -> Path | None:
@@ -121,6 +132,7 @@ class Tracker:
         import mlflow
 
         with env_defaults(START_LIMITS):
+            resuming = self.run_id is not None
             try:
                 bound_sqlite_waits()
                 ensure_sqlite_folder(self.uri)
@@ -136,6 +148,8 @@ class Tracker:
         else:
             where = f"{self.uri} (browse: mlflow ui --backend-store-uri {self.uri})"
         log.info("MLflow run %s: %s", self.run_id, where)
+        if self.system_metrics and not self.annotate:
+            self._monitor = start_system_metrics(self.uri, self.run_id, resume=resuming)
         return self.run_id
 
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -222,16 +236,21 @@ class Tracker:
         self._call("log_artifact", {"path": str(path.resolve()), "artifact_path": artifact_path}, call, heavy=True)
 
     def log_model(self, model: torch.nn.Module, metadata: Mapping[str, Any],
-                  registered_model_name: str | None = None, name: str = "model") -> str | None:
-        """Log ``model`` (pickled, so its class must be importable: ``medseg.nets``) with its ``metadata``.
+                  registered_model_name: str | None = None, name: str = "model", *,
+                  metrics: Mapping[str, float] | None = None, step: int = 0,
+                  version_tags: Mapping[str, Any] | None = None, description: str | None = None) -> str | None:
+        """Log ``model`` as an MLflow pyfunc that runs medseg's whole inference (:mod:`.pyfunc`).
 
         Args:
-            model: the network, best on CPU (a CUDA model loads only where CUDA is).
-            metadata: what prediction needs (classes, label names, normalisation, patch size, spacing). It is
-                stored as JSON-compatible data in the ``metadata`` field of the model's ``MLmodel`` file, so
-                mapping keys come back as strings; :func:`load_model` returns it.
+            model: the network (its weights are stored, with ``metadata``, as ``artifacts/weights.pt``).
+            metadata: what prediction needs (classes, normalisation, patch size, spacing, instances...). It is
+                also the ``metadata`` field of the model's ``MLmodel`` file; :func:`load_model` returns it.
             registered_model_name: also register the model under this name (a new version each time).
             name: model name inside the run; ``runs:/<run_id>/<name>`` loads it.
+            metrics: the model's own figures (e.g. ``best/dice_mean``): logged to the run at ``step`` and
+                linked to the logged model, so the model's page lists them.
+            version_tags: tags of the registered version (e.g. its Dice, the dataset digest, the git commit).
+            description: of the registered version.
 
         Returns:
             ``models:/<registered name>/<version>`` when registered, else ``runs:/<run_id>/<name>``. When
@@ -244,28 +263,40 @@ class Tracker:
         if not self._active():
             return None
         meta = json.loads(json.dumps(dict(metadata)))  # fail here, at the boundary, not half-way through a log
-        import mlflow.pytorch
-
-        options = model_options(meta)
-        signature = inspect.signature(mlflow.pytorch.log_model).parameters
-        options["name" if "name" in signature else "artifact_path"] = name  # mlflow 3 renamed artifact_path
+        missing = [key for key in MODEL_METADATA_KEYS if key not in meta]
+        if missing:
+            raise ValueError(f"metadata: missing {', '.join(missing)} (the metadata of a medseg model: "
+                             "pipelines.common.model_metadata)")
+        values = {str(k): float(v) for k, v in (metrics or {}).items() if v is not None}
 
         def call() -> str:
-            with fluent_scope(self.uri, self._experiment_id), quiet("mlflow.pytorch"):
-                info = mlflow.pytorch.log_model(model, run_id=self.run_id, registered_model_name=registered_model_name,
-                                                await_registration_for=60, **options)
-            if registered_model_name:
-                return f"models:/{registered_model_name}/{info.registered_model_version}"
-            return f"runs:/{self.run_id}/{name}"
+            from mlflow.entities import Metric
 
-        record = {"name": name, "metadata": meta, "registered_model_name": registered_model_name}
+            with fluent_scope(self.uri, self._experiment_id), quiet("mlflow"):
+                info = log_pyfunc(model, meta, self.run_id, name, registered_model_name)
+            stamp = int(time.time() * 1000)
+            model_id = getattr(info, "model_id", None)
+            batch = [Metric(k, v, stamp, int(step), model_id=model_id) for k, v in values.items()]
+            for chunk in _chunks(batch, _limit("MAX_METRICS_PER_BATCH", 1000)):
+                self._client.log_batch(self.run_id, metrics=chunk)
+            if not registered_model_name:
+                return f"runs:/{self.run_id}/{name}"
+            version = str(info.registered_model_version)
+            if description:
+                self._client.update_model_version(registered_model_name, version, description=description)
+            for key, value in (version_tags or {}).items():
+                self._client.set_model_version_tag(registered_model_name, version, str(key), str(value))
+            return f"models:/{registered_model_name}/{version}"
+
+        record = {"name": name, "metadata": meta, "registered_model_name": registered_model_name,
+                  "metrics": values, "version_tags": dict(version_tags or {}), "description": description}
         uri = self._call("log_model", record, call, heavy=True)
         if uri is not None or self.fallback_dir is None:
             return uri
         local = self.fallback_dir / f"mlflow-{name}"
         shutil.rmtree(local, ignore_errors=True)
-        with quiet("mlflow.pytorch"):
-            mlflow.pytorch.save_model(model, str(local), **model_options(meta))
+        with quiet("mlflow"):
+            save_pyfunc(model, meta, local)
         log.warning("Saved the model that could not be logged to %s; load_model(%r) reads it", local, str(local))
         return str(local)
 
@@ -276,6 +307,12 @@ class Tracker:
         if not self._active() or self._ended:
             return
         self._ended = True
+        if self._monitor is not None:
+            with contextlib.suppress(Exception):  # its last flush may fail with the store: never fatal
+                self._monitor.finish()
+            self._monitor = None
+        if self.annotate:  # evaluate --run-id: the training's status and times stay as they were
+            return
         self._call("end", {"status": status}, lambda: self._client.set_terminated(self.run_id, status))
 
     # -- internals ---------------------------------------------------------------------------------------
@@ -313,7 +350,7 @@ class Tracker:
         except MlflowException as err:
             raise TrackingError(self.uri, f"run {self.run_id!r} to resume is not in this store ({short_error(err)})") \
                 from err
-        if run.info.status != "RUNNING":
+        if run.info.status != "RUNNING" and not self.annotate:
             client.update_run(self.run_id, status="RUNNING")
         return run
 
@@ -356,6 +393,21 @@ class Tracker:
         self._journal.append(what, self.run_id, self.uri, error, record)
 
 # -- helpers -------------------------------------------------------------------------------------------------
+
+def start_system_metrics(uri: str, run_id: str, resume: bool) -> Any:
+    """MLflow's own system-metrics monitor for a run of ours (``mlflow.start_run(log_system_metrics=True)``
+    serves fluent runs only); ``None``, with a warning, when it cannot start. GPU metrics need ``nvidia-ml-py``."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, resume_logging=resume, tracking_uri=uri)
+        with quiet("mlflow.system_metrics"):
+            monitor.start()
+    except Exception as err:  # psutil missing, an old MLflow: the training goes on without them
+        log.warning("MLflow system metrics are off for run %s (%s)", run_id, short_error(err))
+        return None
+    return monitor
+
 
 def _limit(name: str, default: int) -> int:
     from mlflow.utils import validation

@@ -1,9 +1,9 @@
-"""Logged models: the MLflow options a model is logged with, and :func:`load_model` to read one back."""
+"""Logged models: a trained network logged (or saved) as a medseg pyfunc (:mod:`.pyfunc`), and
+:func:`load_model` to read one back, also the ``mlflow.pytorch`` models logged before the pyfunc."""
 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import os
 import tempfile
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg import __version__
+from medseg.predictor import load_model_file
 from medseg.tracking.store import (
     HEAVY_LIMITS,
     TrackingError,
@@ -56,8 +57,12 @@ def load_model(uri: str, map_location: Any = "cpu", tracking_uri: str | None = N
                 stack.enter_context(env_defaults(HEAVY_LIMITS))
                 tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="medseg-model-"))
                 folder = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp, tracking_uri=store)
-            model = mlflow.pytorch.load_model(folder, map_location=map_location)
-            metadata = Model.load(folder).metadata or {}
+            described = Model.load(folder)
+            metadata = described.metadata or {}
+            if "pytorch" in described.flavors:  # logged before the pyfunc
+                model = mlflow.pytorch.load_model(folder, map_location=map_location)
+            else:
+                model, metadata = load_model_file(_weights_path(Path(folder), described), map_location)
     except Exception as err:  # MlflowException, OSError, unpickling errors: all mean "cannot load this"
         raise TrackingError(store, f"cannot load model {uri!r} ({short_error(err)})") from err
     return model.eval(), metadata
@@ -101,19 +106,53 @@ def quiet(logger_name: str, level: int = logging.ERROR) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def model_options(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Arguments of mlflow.pytorch.log_model/save_model: explicit requirements, so MLflow neither loads the
-    model in a subprocess nor asks the network to infer them, and pickle serialisation."""
-    import mlflow.pytorch
-
+def _requirements() -> list[str]:
+    """Explicit requirements, so MLflow does not load the model in a subprocess to infer them."""
     requirements = [f"medseg=={__version__}"]
     for dist in ("torch", "monai"):
         with contextlib.suppress(dist_metadata.PackageNotFoundError):
             # the public version: no index serves 2.13.0+cpu or +cu130 under that name, and the serving
             # machine should get the build that suits it (see the README on torch builds)
-            version = dist_metadata.version(dist).split("+")[0]
-            requirements.append(f"{dist}=={version}")
-    options: dict[str, Any] = {"metadata": metadata, "pip_requirements": requirements}
-    if "serialization_format" in inspect.signature(mlflow.pytorch.save_model).parameters:
-        options["serialization_format"] = "pickle"  # mlflow 3 defaults to "pt2", which needs an input example
-    return options
+            requirements.append(f"{dist}=={dist_metadata.version(dist).split('+')[0]}")
+    return requirements
+
+
+def _pyfunc_options(model: torch.nn.Module, metadata: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """What ``mlflow.pyfunc`` saves: the :class:`~.pyfunc.MedsegModel`, the weights (written into ``folder``),
+    the signature, a small input example, the metadata and the requirements."""
+    from medseg.predictor import save_weights
+    from medseg.tracking.pyfunc import WEIGHTS, WEIGHTS_FILE, MedsegModel, signature_and_example
+
+    weights = save_weights(model, metadata, folder / WEIGHTS_FILE)
+    signature, example = signature_and_example(metadata)
+    return {"python_model": MedsegModel(), "artifacts": {WEIGHTS: str(weights)}, "signature": signature,
+            "input_example": example, "metadata": metadata, "pip_requirements": _requirements()}
+
+
+def log_pyfunc(model: torch.nn.Module, metadata: dict[str, Any], run_id: str, name: str,
+               registered_model_name: str | None) -> Any:
+    """Log ``model`` into run ``run_id`` as a medseg pyfunc; returns MLflow's ``ModelInfo``."""
+    import mlflow.pyfunc
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory(prefix="medseg-weights-") as tmp:
+        return Model.log(artifact_path=None, name=name, flavor=mlflow.pyfunc, run_id=run_id,
+                         registered_model_name=registered_model_name, await_registration_for=60,
+                         **_pyfunc_options(model, metadata, Path(tmp)))
+
+
+def save_pyfunc(model: torch.nn.Module, metadata: dict[str, Any], folder: Path) -> Path:
+    """Save ``model`` as a medseg pyfunc into the local ``folder`` (the fallback when logging fails)."""
+    import mlflow.pyfunc
+
+    with tempfile.TemporaryDirectory(prefix="medseg-weights-") as tmp:
+        mlflow.pyfunc.save_model(str(folder), **_pyfunc_options(model, metadata, Path(tmp)))
+    return folder
+
+
+def _weights_path(folder: Path, described: Any) -> Path:
+    from medseg.tracking.pyfunc import WEIGHTS, WEIGHTS_FILE
+
+    artifacts = (described.flavors.get("python_function") or {}).get("artifacts") or {}
+    relative = (artifacts.get(WEIGHTS) or {}).get("path") or f"artifacts/{WEIGHTS_FILE}"
+    return folder / relative

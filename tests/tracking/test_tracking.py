@@ -18,6 +18,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from medseg.nets import build_network
 from medseg.tracking import (
     FALLBACK_FILE,
     Tracker,
@@ -44,7 +45,13 @@ def _isolated(monkeypatch, tmp_path):
 
 
 def _tiny_model() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1))
+    torch.manual_seed(0)
+    return build_network("unet", {"features": 2, "depth": 1}, spatial_dims=2, in_channels=1, num_classes=2)
+
+
+METADATA = {"model": {"name": "unet", "params": {"features": 2, "depth": 1}}, "spatial_dims": 2, "in_channels": 1,
+            "classes": {"background": 0, "cell": 1}, "label_kind": "semantic", "spacing": [0.5, 0.5],
+            "normalize": {"mode": "zscore"}, "patch_size": [16, 16]}
 
 
 def _free_port() -> int:
@@ -104,7 +111,7 @@ def test_disabled_tracker_does_nothing_and_touches_no_store(tmp_path):
         tracker.set_tags({"b": 2})
         tracker.log_metrics({"loss": 1.0}, step=0)
         tracker.log_artifact(tmp_path / "missing.txt")
-        assert tracker.log_model(_tiny_model(), {"classes": 2}) is None
+        assert tracker.log_model(_tiny_model(), METADATA) is None
     assert tracker.run_id is None
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
@@ -114,8 +121,7 @@ def test_a_run_keeps_params_tags_metrics_artifacts_and_a_loadable_model(store, t
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "curve.txt").write_text("1 2 3")
     config = {"train": {"lr": 0.001, "epochs": 3}, "note": "x" * 7000, "many": {f"p{i}": i for i in range(250)}}
-    metadata = {"classes": 2, "label_names": ["background", "cell"], "spacing": [0.5, 0.5],
-                "normalisation": {"mean": 0.1, "std": 0.2}, "patch_size": [64, 64]}
+    metadata = {**METADATA, "instances": {"target": "distance", "thresholds": {"foreground": 0.4}}}
     model = _tiny_model()
 
     with Tracker(store, "cells", run_name="unet-fold0", fallback_dir=tmp_path / "run") as tracker:
@@ -195,7 +201,9 @@ def test_bad_input_is_named_at_the_boundary(store):
     with pytest.raises(TypeError, match="'val.dice'"):
         tracker.log_metrics({"val.dice": "high"}, step=0)
     with pytest.raises(TypeError):
-        tracker.log_model(_tiny_model(), {"transform": object()})
+        tracker.log_model(_tiny_model(), {**METADATA, "transform": object()})
+    with pytest.raises(ValueError, match="missing patch_size"):
+        tracker.log_model(_tiny_model(), {k: v for k, v in METADATA.items() if k != "patch_size"})
     with pytest.raises(ValueError, match="FINISHED"):
         tracker.end("DONE")
     with pytest.raises(TrackingError, match="not in this store"):
@@ -276,7 +284,7 @@ def test_a_server_that_goes_away_mid_run_does_not_stop_training(server, tmp_path
         (tmp_path / "note.txt").write_text("x")
         tracker.log_artifact(tmp_path / "note.txt")
         assert time.monotonic() - started < 2
-        local = tracker.log_model(_tiny_model(), {"classes": 2})
+        local = tracker.log_model(_tiny_model(), METADATA)
         tracker.end()
     unreachable = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(unreachable) == 1 and uri in unreachable[0].getMessage()
@@ -287,4 +295,4 @@ def test_a_server_that_goes_away_mid_run_does_not_stop_training(server, tmp_path
     assert [(e["step"], e["metrics"]) for e in entries[:2]] == [(1, {"loss": 0.5}), (2, {"loss": 0.25})]
     assert all(e["run_id"] == run_id for e in entries)
     _, metadata = load_model(local)  # the model kept in the run folder instead
-    assert metadata == {"classes": 2}
+    assert metadata == METADATA
