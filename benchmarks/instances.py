@@ -3,6 +3,7 @@
     python benchmarks/instances.py                 # the README budget (20 min measured on 2 busy CPU cores)
     python benchmarks/instances.py --quick         # a smoke run (tiny budget: the scores mean nothing)
     python benchmarks/instances.py --targets flows --epochs 40
+    python benchmarks/instances.py --workdir W --reuse   # again on W's trained weights: post-processing only
 
 One synthetic touching-nuclei set (:func:`medseg.data.synth.make_cells` with its default mix: about half the
 nuclei in clusters of 2-5 that touch with no background between them) is written once. For each
@@ -46,7 +47,7 @@ from medseg.engine.checkpoint import load_checkpoint
 from medseg.instances import build_representation
 from pipelines.evaluate import evaluate_folders
 from pipelines.predict import Predictor, load_trained_model, predict_batch
-from pipelines.train import train
+from pipelines.train import retune_run, train
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo_cells.yaml"
 TARGETS = ("border", "distance", "flows")
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads for training and prediction (default 1: on a busy 2-core machine two "
                         "threads measured 8x slower than one, their OpenMP workers waiting on each other)")
     p.add_argument("--workdir", type=Path, help="keep data, runs and predictions here (default: a temporary folder)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --workdir: keep the weights of runs already trained there (same data and budget) and "
+                        "only tune their post-processing again (after a post-processing change)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -80,7 +84,7 @@ def one_thread():
     return threadpool_limits(1)
 
 
-def run_target(target: str, data: Path, big: Path, work: Path, budget: dict, seed: int) -> dict:
+def run_target(target: str, data: Path, big: Path, work: Path, budget: dict, seed: int, reuse: bool = False) -> dict:
     overrides = [
         f"data.root={data}", f"data.instance_target={target}", f"experiment.seed={seed}",
         f"experiment.name=bench_{target}", f"experiment.output_dir={work / 'runs' / target}",
@@ -89,13 +93,25 @@ def run_target(target: str, data: Path, big: Path, work: Path, budget: dict, see
         "tracking.enabled=false",
     ]
     cfg = load_config(CONFIG, overrides)
-    t0 = time.perf_counter()
-    result = train(cfg, output_dir=work / "runs" / target)
-    train_seconds = time.perf_counter() - t0
-    state = load_checkpoint(result.output_dir / "checkpoints" / "last.pt")
+    run = work / "runs" / target
+    if reuse and (run / "checkpoints" / "last.pt").is_file():
+        # the trained weights of an earlier run with this budget; only the post-processing is tuned again
+        before = load_config(run / "config.yaml").train
+        if (before.epochs, before.iterations_per_epoch, before.batch_size) != (cfg.train.epochs,
+                                                                               cfg.train.iterations_per_epoch,
+                                                                               cfg.train.batch_size):
+            raise SystemExit(f"--reuse: {run} was trained with another budget")
+        t0 = time.perf_counter()
+        retune_run(run)
+        train_seconds = float("nan")
+    else:
+        t0 = time.perf_counter()
+        train(cfg, output_dir=run)
+        train_seconds = time.perf_counter() - t0
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
     speed = state.get("history", {}).get("samples_per_second", [])
 
-    model, meta = load_trained_model(str(result.output_dir))
+    model, meta = load_trained_model(str(run))
     scans = sorted((data / "imagesTs").iterdir())
     pred_dir = work / "pred" / target
     pred_dir.mkdir(parents=True, exist_ok=True)
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
         rows = []
         for target in args.targets:
-            row = run_target(target, data, big_image, work, budget, args.seed)
+            row = run_target(target, data, big_image, work, budget, args.seed, args.reuse)
             rows.append(row)
             print(f"{target}: thresholds {row['thresholds']} (validation AP@0.5:0.95 {row['val_map']:.3f}), "
                   f"trained in {row['train_seconds']:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)

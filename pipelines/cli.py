@@ -148,7 +148,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                         "(border, distance or flows) with the thresholds tuned at the end of its training")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a post-processing setting: instances.postprocess.<threshold>=<value> (border: "
-                        "foreground; distance: foreground, marker; flows: foreground, slope) or "
+                        "foreground; distance: foreground, marker; flows: foreground, slope, marker_size) or "
                         "inference.min_instance_size=<pixels>")
     p.add_argument("--skip-existing", action="store_true", help="skip cases whose output already exists")
     p.add_argument("--nonfinite", choices=("error", "replace"), default="error",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from medseg.config import ExperimentConfig, config_to_dict, dump_config
+from medseg.config import ExperimentConfig, config_to_dict, dump_config, load_config
 from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch
 from medseg.engine import distributed as dist
@@ -195,6 +195,28 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
                           cfg.tracking.registered_model_name, state.interrupted)
     dist.barrier(dist_info)
     return _result(output_dir, state)
+
+
+def retune_run(run_dir: Path) -> dict[str, Any]:
+    """Tune a finished run's post-processing thresholds again on its validation cases, as its training's last
+    step did: for a model trained before the post-processing changed (the weights stay as they are).
+
+    Returns:
+        the new metadata entry ``instances``, also written into ``run_dir/checkpoints``.
+
+    Raises:
+        ConfigError: the run has no instance representation or no validation cases.
+    """
+    cfg = load_config(Path(run_dir) / "config.yaml")
+    info = dist.DistInfo()
+    cfg, data = _build_data(cfg, info)
+    parts = _build_components(cfg, data, info)
+    if parts.representation is None or data.val_loader is None:
+        raise ConfigError("data.instance_target", f"{run_dir} has no instance representation or no validation "
+                                                  "cases to tune its post-processing on")
+    tracker = Tracker(None, cfg.experiment.name, fallback_dir=Path(run_dir), enabled=False)
+    return tune_instances(cfg, parts.representation, parts.model, _predictor(cfg, data, parts, info),
+                          data.val_loader, tracker, Path(run_dir) / "checkpoints", step=0)
 
 
 def _set_up_torch(cfg: ExperimentConfig, device: torch.device) -> None:

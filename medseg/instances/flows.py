@@ -17,7 +17,11 @@ Post-processing: the foreground is ``P(object) >= foreground``; the *axial slope
 of a component along its own axis (:func:`axial_slope`): positive inside an object, strongly negative across
 the border between touching ones (the field converges there, it diverges from every centre). Markers are
 the connected foreground regions whose slope exceeds ``slope``, so the cores of touching nuclei never connect;
-a watershed on ``-slope`` grows them over the foreground, the borders being its ridges. The slope only uses
+cores under ``marker_size`` x ``min_size`` pixels are dropped as HoVer-Net drops small markers (on a learned
+field a few noisy pixels inside a nucleus pass the threshold and would split it: at equal budget this took
+the held-out AP@0.5:0.95 from 0.68 to 0.78, fewer splits and fewer merges, since the tuned slope could then be
+stricter). A watershed on ``-slope`` (plus the border probability with a border class) grows them over the
+foreground, the borders being its ridges. The slope only uses
 differences of neighbouring pixels, so it does not care that each object's maps are scaled differently, and
 it held up against noise of 0.15 on the maps (AP@0.5 0.99 on 200 touching cells) where thresholding
 ``|v|`` near the centres did not (a blurred border averages +1 and -1 to a false "centre").
@@ -26,10 +30,16 @@ it held up against noise of 0.15 on the maps (AP@0.5 0.99 on 200 touching cells)
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
 from skimage.segmentation import watershed
 
-from medseg.instances.base import Representation, finish_instances, foreground_mask, object_boxes
+from medseg.instances.base import (
+    Representation,
+    finish_instances,
+    foreground_mask,
+    label_markers,
+    object_boxes,
+    with_borders,
+)
 from medseg.transforms.functional import as_label_array
 
 
@@ -74,11 +84,12 @@ def axial_slope(field: np.ndarray) -> np.ndarray:
 
 class Flows(Representation):
     """Class channels + per-axis normalised offset maps. Thresholds: ``foreground`` (object probability),
-    ``marker`` (largest ``|v_a|`` of a core pixel), ``edge`` (largest edge energy of a core pixel)."""
+    ``slope`` (smallest axial slope of a core pixel), ``marker_size`` (smallest core kept, in multiples of the
+    post-processing's ``min_size``, so it scales with the objects where ``min_size`` does)."""
 
     name = "flows"
-    thresholds = {"foreground": 0.5, "slope": -0.15}
-    grid = {"foreground": (0.4, 0.5, 0.6), "slope": (-0.3, -0.2, -0.15, -0.1, 0.0, 0.1)}
+    thresholds = {"foreground": 0.5, "slope": -0.1, "marker_size": 2.0}
+    grid = {"foreground": (0.4, 0.5, 0.6), "slope": (-0.3, -0.2, -0.1, 0.0, 0.1), "marker_size": (0.0, 1.0, 2.0, 4.0)}
     uses_gradient = True
 
     def vector_axes(self, spatial_dims: int) -> list[int | None]:
@@ -98,6 +109,6 @@ class Flows(Representation):
         fg = foreground_mask(probs, t["foreground"])
         field = regression.astype(np.float32, copy=False)
         slope = axial_slope(field)
-        markers, _ = ndimage.label(fg & (slope > t["slope"]))
-        labels = watershed(-slope, markers, mask=fg)
+        markers = label_markers(fg & (slope > t["slope"]), t["marker_size"] * min_size)
+        labels = watershed(with_borders(-slope, probs), markers, mask=fg)
         return finish_instances(labels, fg, min_size)

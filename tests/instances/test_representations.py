@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from medseg.errors import ConfigError
 from medseg.instances import REPRESENTATIONS, build_representation, tune_thresholds
-from medseg.instances.base import central_difference, masked_mse, msge
+from medseg.instances.base import central_difference, label_markers, masked_mse, msge
 from medseg.metrics import instance_metrics
 from medseg.transforms.functional import instances_to_semantic
 from tests.instances.clusters import one_hot, touches, touching_cells
@@ -64,7 +64,7 @@ def test_empty_prediction_and_threshold_errors():
     probs[0] = 1
     out = rep.postprocess(probs, np.zeros((2, 16, 16), np.float32))
     assert out.shape == (16, 16) and out.max() == 0 and out.dtype == np.uint16
-    with pytest.raises(ValueError, match="expected one of: foreground, slope"):
+    with pytest.raises(ValueError, match="expected one of: foreground, marker_size, slope"):
         rep.postprocess(probs, np.zeros((2, 16, 16), np.float32), sharpness=1)
     with pytest.raises(ValueError, match="2 regression channels"):
         rep.postprocess(probs, np.zeros((1, 16, 16), np.float32))
@@ -133,3 +133,46 @@ def test_tuning_finds_thresholds_that_beat_bad_defaults():
     fixed = tune_thresholds(rep, cases, min_size=0, fixed={"marker": 0.5})
     assert all(row["marker"] == 0.5 for row in fixed.table) and fixed.score == fixed.default_score
     assert np.isnan(tune_thresholds(rep, [], min_size=0).score)
+
+
+@pytest.mark.parametrize("name", ["distance", "flows"])
+def test_a_border_class_places_the_boundary_between_touching_objects(name):
+    # two touching objects, A = columns 0..11 and B = 12..29; the regression's valley lies at column 15 (a
+    # network unsure where the border is), the border class says column 12
+    inst = np.zeros((20, 30), np.int32)
+    inst[:, :12], inst[:, 12:] = 1, 2
+    x = np.arange(30, dtype=np.float32)
+    if name == "distance":
+        profile = np.where(x < 15, 1 - np.abs(x - 4) / 14, 1 - np.abs(x - 26) / 14)
+        reg = np.broadcast_to(profile, inst.shape)[None].astype(np.float32)
+    else:  # offsets from centres at columns 6 and 23, falling from +0.83 to -0.83 over columns 11..17
+        reg = np.zeros((2, *inst.shape), np.float32)
+        reg[0] = ((np.arange(20, dtype=np.float32) - 9.5) / 9.5)[:, None]
+        reg[1] = np.interp(x, [0, 11, 17, 29], [-1, 5 / 6, -5 / 6, 1])
+    rep = build_representation(name)
+    probs = np.zeros((3, *inst.shape), np.float32)
+    probs[1] = 1.0
+    probs[1][:, 12], probs[2][:, 12] = 0.0, 1.0
+    with_border = rep.postprocess(probs, reg, min_size=0)
+    assert instance_metrics(with_border, inst, thresholds=[0.9])["ap_90"] == 1.0
+    fg_only = np.stack([probs[0], probs[1] + probs[2]])
+    without = rep.postprocess(fg_only, reg, min_size=0)
+    assert without.max() == 2 and instance_metrics(without, inst, thresholds=[0.9])["ap_90"] < 1.0
+
+
+def test_flows_drops_small_noisy_markers():
+    inst = CLUSTERS["2d"]
+    rep = build_representation("flows")
+    probs, reg = perfect(rep, inst)
+    noisy = reg + np.random.default_rng(0).normal(0.0, 0.25, reg.shape).astype(np.float32)
+    counts = {size: int(rep.postprocess(probs, noisy, min_size=8, slope=0.0, marker_size=size).max())
+              for size in (0.0, 2.0)}
+    assert counts[0.0] > inst.max() + 2  # noise cores split nuclei
+    assert abs(counts[2.0] - inst.max()) < counts[0.0] - inst.max()
+
+
+def test_label_markers_drops_small_regions():
+    cores = np.zeros((12, 12), bool)
+    cores[1:5, 1:5], cores[8:10, 8:9] = True, True
+    assert label_markers(cores).max() == 2
+    assert np.array_equal(label_markers(cores, min_voxels=3), ndimage.label(cores[:, :] & (np.arange(12) < 6))[0])

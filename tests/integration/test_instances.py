@@ -18,6 +18,7 @@ from medseg.engine.checkpoint import load_checkpoint
 from medseg.errors import ConfigError
 from pipelines.common import resolve_dataset
 from pipelines.predict import load_trained_model, predict_batch
+from pipelines.train import retune_run
 from tests.instances.clusters import touching_cells
 
 from .conftest import run_medseg
@@ -80,7 +81,8 @@ def _read(path: Path) -> np.ndarray:
 def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     data = cells2d if dims == 2 else cells3d
     run_medseg("train", _config(tmp_path, data, target, dims))
-    meta = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["metadata"]
+    trained = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+    meta, meta_weights = trained["metadata"], trained["model"][next(iter(trained["model"]))]
     inst_meta = meta["instances"]
     channels = {"border": 0, "distance": 1, "flows": dims}[target]
     assert inst_meta["target"] == target and inst_meta["regression_channels"] == channels
@@ -91,7 +93,13 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
         assert float(run.data.params["instances.thresholds.marker"]) == inst_meta["thresholds"]["marker"]
         assert "val_instance_map" in run.data.metrics
     assert set(inst_meta["thresholds"]) == {"border": {"foreground"}, "distance": {"foreground", "marker"},
-                                             "flows": {"foreground", "slope"}}[target]
+                                             "flows": {"foreground", "slope", "marker_size"}}[target]
+    if target == "distance":  # tuned again on the trained weights (after a post-processing change)
+        retuned = retune_run(tmp_path / "run")
+        assert retuned["tuning"]["cases"] == 1 and set(retuned["thresholds"]) == set(inst_meta["thresholds"])
+        best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
+        assert best["metadata"]["instances"]["thresholds"] == retuned["thresholds"]
+        assert torch.equal(best["model"][next(iter(best["model"]))], meta_weights)
 
     scans = data / ("imagesTs" if dims == 2 else "imagesTr")
     out = tmp_path / "pred"

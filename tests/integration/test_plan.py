@@ -31,7 +31,7 @@ def test_plan_cells_then_train(medseg, tmp_path, env):
     out = tmp_path / "cells.yaml"
     medseg("plan", root, "--out", out, "--memory", "0.05", "--hours", "0.01", cwd=tmp_path, env=env)
     text = out.read_text()
-    assert "weight_map" in text and "min_instance_size" in text
+    assert "weight_map" in text and "min_instance_size" in text and "instance_target:" in text
     run = tmp_path / "run"
     medseg("train", out, "--fold", "1", "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1",
            "--no-tracking", "--output", run, cwd=tmp_path, env=env)

@@ -83,6 +83,17 @@ def test_weight_map_sigma_and_min_size_scale_with_the_object_diameter():
     assert small["inference"]["min_instance_size"] < large["inference"]["min_instance_size"]
 
 
+def test_touching_objects_choose_the_distance_representation():
+    def chosen(touching_share):
+        objects = ObjectStats(50, {"p10": 16.0, "median": 20.0, "p90": 26.0}, {"median": [20.0, 20.0]},
+                              touching_share)
+        draft = _Draft()
+        instance_settings(_fp([[1, 1]], dims=2, objects=objects), draft)
+        return draft.raw["data"]["instance_target"]
+
+    assert chosen(0.4) == "distance" and chosen(0.02) == "border"
+
+
 def test_planned_patch_fits_the_budget_measured(lesions_aniso, tmp_path, probe_cache):
     fp, _ = fingerprint_dataset(lesions_aniso, tmp_path / "fp.json")
     gb = 0.12
