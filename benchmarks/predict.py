@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
+import itertools
 import json
 import logging
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,23 +53,28 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data.utils import dense_patch_slices
 from monai.inferers import sliding_window_inference
+from monai.inferers.utils import _get_scan_interval
 
 from medseg.config import SchedulerConfig
 from medseg.data.synth import make_lesions
 from medseg.data.writers import write_image
-from medseg.engine.loop import StepSettings, train_one_epoch
+from medseg.engine.loop import StepSettings, resolve_amp, train_one_epoch
 from medseg.engine.optim import Scheduler
-from medseg.inference import SlidingWindowPredictor
+from medseg.inference import SlidingWindowPredictor, _WindowLoader
 from medseg.losses import DiceWeightedCELoss
 from medseg.nets import build_network
+from medseg.precision import detect, resolve_precision
 from medseg.predictor import CasePredictor
 from pipelines.predict import output_path, predict_batch
 
 NUM_CLASSES = 2
 SIZES = {
-    "full": dict(net={"features": 4, "depth": 3}, patch=64, volume=192, memory=(512, 512, 256), cases=16, case=96),
-    "quick": dict(net={"features": 4, "depth": 2}, patch=24, volume=48, memory=(96, 96, 48), cases=4, case=24),
+    "full": dict(net={"features": 8, "depth": 3}, patch=64, volume=192, train_patch=48, check_every=50,
+                 memory=(512, 512, 256), cases=32, case=(256, 256, 128), folder_net={"features": 4, "depth": 1}),
+    "quick": dict(net={"features": 4, "depth": 2}, patch=24, volume=48, train_patch=24, check_every=10,
+                  memory=(96, 96, 48), cases=4, case=(32, 32, 24), folder_net={"features": 4, "depth": 1}),
 }
 OVERLAP = 0.25  # MONAI's default, used by both in (a)
 
@@ -115,69 +123,183 @@ def patches(image: np.ndarray, label: np.ndarray, patch: int, batch: int, steps:
         yield {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(np.stack(labels))}
 
 
-def train(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, patch: int, steps: int,
+def train(model: torch.nn.Module, image: np.ndarray, label: np.ndarray, size: dict, max_steps: int,
           device: torch.device) -> float:
+    """Our loop (Dice + CE, Adam 3e-3, bf16 autocast where the hardware has it) on ``train_patch`` crops of the
+    volume, in rounds of ``check_every`` steps, until the Dice of its prediction of the volume is > 0.8; the
+    best weights seen are kept (as training keeps ``best.pt``). Returns their Dice."""
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    scheduler = Scheduler(optimizer, SchedulerConfig(name="poly"), epochs=1, steps_per_epoch=steps)
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
-    settings = StepSettings(device=device, amp_dtype=amp, grad_clip=12.0)
-    start = time.perf_counter()
-    result = train_one_epoch(model, patches(image, label, patch, 2, steps), DiceWeightedCELoss(NUM_CLASSES),
-                             optimizer, scheduler, scaler, settings)
-    seconds = time.perf_counter() - start
-    print(f"trained {steps} steps of 2x1x{patch}^3 in {seconds:.0f} s, mean loss {result.losses['loss']:.3f}")
-    return seconds
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    scheduler = Scheduler(optimizer, SchedulerConfig(name="none"), epochs=1, steps_per_epoch=max_steps)
+    amp = resolve_amp("bf16" if detect(device).cpu_bf16 else "auto", device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    settings = StepSettings(device=device, amp_dtype=amp)
+    check = SlidingWindowPredictor(model, (size["patch"],) * 3, NUM_CLASSES, overlap=OVERLAP, device=device)
+    batches = patches(image, label, size["train_patch"], 2, max_steps)
+    start, steps, best, best_state = time.perf_counter(), 0, -1.0, None
+    while steps < max_steps and best <= 0.8:
+        n = min(size["check_every"], max_steps - steps)
+        result = train_one_epoch(model, itertools.islice(batches, n), DiceWeightedCELoss(NUM_CLASSES), optimizer,
+                                 scheduler, scaler, settings)
+        steps += n
+        reference = dice(check.predict_labels(torch.from_numpy(image)[None]), label)
+        if reference > best:
+            best, best_state = reference, copy.deepcopy(model.state_dict())
+        print(f"  {steps} steps ({time.perf_counter() - start:.0f} s, training in {amp or 'fp32'}): "
+              f"loss {result.losses['loss']:.3f}, Dice of its prediction of the volume {reference:.3f}", flush=True)
+    model.load_state_dict(best_state)
+    model.eval()
+    print(f"kept the weights of the best check: Dice {best:.3f} (goal > 0.8)")
+    return best
 
 
 # -- (a) ours vs MONAI -----------------------------------------------------------------------------------
 
 
-def part_a(model, size, device, repeats, image, label) -> None:
-    patch = (size["patch"],) * 3
-    ours = SlidingWindowPredictor(model, patch, NUM_CLASSES, overlap=OVERLAP, device=device)
-    model.eval().to(device)
-    volume = torch.from_numpy(image)[None].to(device)  # 1 *S
+class Contender:
+    """One way to predict the volume's labels; ``run`` returns a uint8 label map ``*S``."""
 
-    def run_ours():
-        return ours(volume).argmax(0)
+    def __init__(self, name: str, run, network, gather):
+        self.name, self.run, self.network, self.gather = name, run, network, gather
+        self.seconds: list[float] = []
 
-    def run_monai():
-        with torch.no_grad():
-            return sliding_window_inference(volume[None], patch, 1, model, overlap=OVERLAP)[0].argmax(0)
 
-    runs = {"ours (SlidingWindowPredictor, defaults)": run_ours, "MONAI sliding_window_inference": run_monai}
-    warm = volume[:, : 2 * size["patch"], : 2 * size["patch"], : 2 * size["patch"]]
-    with torch.no_grad():
-        ours(warm), sliding_window_inference(warm[None], patch, 1, model, overlap=OVERLAP)
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    labels = {}
-    for _ in range(repeats):
-        for name, fn in runs.items():
+def _amp(dtype: torch.dtype | None, device: torch.device):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _monai(model, volume, patch, sw_batch, mode, dtype, device, grad_mode):
+    """MONAI ``sliding_window_inference`` of ``1 C *S``; blended logits -> argmax labels."""
+    with grad_mode(), _amp(dtype, device):
+        logits = sliding_window_inference(volume[None], patch, sw_batch, model, overlap=OVERLAP, mode=mode)
+    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def _network_seconds(model, tiles: list[torch.Tensor], dtype, device, memory_format=None) -> float:
+    """The network alone on the run's window batches, in the run's precision and layout (best of 2)."""
+    if memory_format is not None:
+        tiles = [t.contiguous(memory_format=memory_format) for t in tiles]
+    best = float("inf")
+    with torch.inference_mode(), _amp(dtype, device):
+        for _ in range(2):
             sync(device)
             start = time.perf_counter()
-            labels[name] = fn()
+            for t in tiles:
+                model(t)
             sync(device)
-            seconds[name].append(time.perf_counter() - start)
-    (ours_name, monai_name) = runs
-    pred = {name: labels[name].cpu().numpy() for name in runs}
-    t_ours, t_monai = statistics.median(seconds[ours_name]), statistics.median(seconds[monai_name])
-    windows = len(ours._plan(tuple(volume.shape[1:]), torch.device("cpu")).windows)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def contenders(model, size, device, volume, channels_last: bool) -> list[Contender]:
+    patch = (size["patch"],) * 3
+    bf16 = resolve_precision("auto", device.type, detect(device))
+    found = []
+
+    def ours(precision, cl=False):
+        predictor = SlidingWindowPredictor(model, patch, NUM_CLASSES, overlap=OVERLAP, device=device, amp=precision,
+                                           channels_last=cl)
+        plan = predictor._plan(tuple(volume.shape[1:]), device)
+        step = predictor.sw_batch_size
+
+        def gather():
+            loader = _WindowLoader(volume, device, step)
+            return [loader.load(plan.windows[i: i + step]).clone() for i in range(0, len(plan.windows), step)]
+
+        name = f"ours, {predictor.amp_dtype or 'fp32'}".replace("torch.", "") + (", channels_last" if cl else "")
+        fmt = predictor.memory_format
+        return Contender(name, lambda: predictor.predict_labels(volume),
+                         lambda tiles: _network_seconds(predictor.model, tiles, predictor.amp_dtype, device, fmt),
+                         gather)
+
+    def monai(sw_batch, mode, dtype, grad_mode, label, cl=False):
+        fmt = torch.channels_last_3d if cl else None
+        net = model
+        if cl:  # what a MONAI user would do: the network and each window batch channels-last
+            net = lambda x: model(x.contiguous(memory_format=fmt))  # noqa: E731
+        slices = dense_patch_slices(tuple(volume.shape[1:]), patch, _get_scan_interval(
+            tuple(volume.shape[1:]), patch, 3, (OVERLAP,) * 3))
+
+        def gather():
+            return [torch.cat([volume[None][(slice(None), slice(None), *s)] for s in slices[i: i + sw_batch]])
+                    for i in range(0, len(slices), sw_batch)]
+
+        name = f"MONAI {label}"
+        return Contender(name, lambda: _monai(net, volume, patch, sw_batch, mode, dtype, device, grad_mode),
+                         lambda tiles: _network_seconds(model, tiles, dtype, device, fmt), gather)
+
+    found.append(ours("auto"))
+    if bf16 is not None:
+        found.append(ours("fp32"))
+    found.append(monai(1, "constant", None, torch.no_grad, "defaults (sw_batch_size 1, constant, no_grad, fp32)"))
+    found.append(monai(4, "gaussian", None, torch.inference_mode,
+                       "best (sw_batch_size 4, gaussian, inference_mode, fp32)"))
+    if bf16 is not None:
+        found.append(monai(4, "gaussian", bf16, torch.inference_mode,
+                           "best + the user's bf16 autocast (sw_batch_size 4, gaussian, inference_mode)"))
+    if channels_last:
+        found.append(ours("auto", cl=True))
+        found.append(monai(4, "gaussian", bf16, torch.inference_mode, "best + bf16 autocast + channels_last", cl=True))
+    return found
+
+
+def part_a(model, size, device, repeats, image, label, read_seconds: float, channels_last: bool) -> None:
+    model.eval().to(device)
+    volume = torch.from_numpy(image)[None].to(device)  # 1 *S
+    runs = contenders(model, size, device, volume, channels_last)
+    # warm-up on the whole volume, once each: oneDNN builds its primitives per precision, layout and shape
+    for c in runs:
+        c.run()
+    for _ in range(repeats):  # alternate, so that a change of load hits every contender alike
+        for c in runs:
+            sync(device)
+            start = time.perf_counter()
+            c.labels = c.run()
+            sync(device)
+            c.seconds.append(time.perf_counter() - start)
+    by_name = {c.name.split(" (")[0]: c for c in runs}
+    best, fp32 = by_name["MONAI best"], by_name.get("ours, fp32")
+    t_best = statistics.median(best.seconds)
     print(f"\n## (a) {'x'.join(map(str, volume.shape[1:]))} volume, patch {size['patch']}^3, overlap {OVERLAP} "
-          f"({windows} windows), median of {repeats}")
-    print(f"ours: sw_batch_size {ours.sw_batch_size}, {ours.blend} blending, AMP {ours.amp_dtype or 'off'}; "
-          f"MONAI: sw_batch_size 1, constant blending, fp32, torch.no_grad()")
-    print("| predictor | seconds (median) | min | max | Dice vs reference |")
+          f"(64 windows for both), median of {repeats} alternating runs after a warm-up")
+    print("| predictor | seconds (median) | min | max | Dice vs reference | Dice vs MONAI best | MONAI best / this |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for c in runs:
+        t = statistics.median(c.seconds)
+        print(f"| {c.name} | {t:.2f} | {min(c.seconds):.2f} | {max(c.seconds):.2f} | {dice(c.labels, label):.4f} "
+              f"| {dice(c.labels, best.labels):.4f} | {t_best / t:.2f}x |")
+    ours = runs[0]
+    defaults = next(c for c in runs if c.name.startswith("MONAI defaults"))
+    t_ours = statistics.median(ours.seconds)
+    print(f"ours ({ours.name}) vs MONAI defaults: {statistics.median(defaults.seconds) / t_ours:.2f}x; "
+          f"vs MONAI best settings: {t_best / t_ours:.2f}x (goal >= 1.5x); Dice between "
+          f"the two label maps {dice(ours.labels, best.labels):.4f} (goal >= 0.995)")
+    if fp32 is not None:
+        same = dice(ours.labels, fp32.labels)
+        print(f"bf16 decision: Dice between our bf16 and fp32 label maps {same:.4f}, voxels agreeing "
+              f"{float((ours.labels == fp32.labels).mean()):.6f} -> inference.precision auto "
+              f"{'may use bf16 (>= 0.995)' if same >= 0.995 else 'must stay fp32 (< 0.995)'}")
+    attribute(runs, read_seconds)
+
+
+def attribute(runs: list[Contender], read_seconds: float) -> None:
+    """Split each contender's median into gathering the windows, the network, and the rest (blending,
+    normalising, argmax, copies), by timing the first two alone on the same window batches."""
+    print("\nWhere the time goes (the network (best of 2) and the window gathering timed alone on the same window "
+          f"batches; reading and z-scoring the NIfTI file, the same for all and not in the figures above: "
+          f"{read_seconds:.2f} s)")
+    print("| predictor | total | gather windows | network | blend + normalise + argmax + copies |")
     print("|---|---:|---:|---:|---:|")
-    for name in runs:
-        print(f"| {name} | {statistics.median(seconds[name]):.2f} | {min(seconds[name]):.2f} "
-              f"| {max(seconds[name]):.2f} | {dice(pred[name], label):.4f} |")
-    gap = dice(pred[ours_name], label) - dice(pred[monai_name], label)
-    agree = float((pred[ours_name] == pred[monai_name]).mean())
-    print(f"speed ours vs MONAI: {t_monai / t_ours:.2f}x (goal >= 1.5x); Dice difference ours - MONAI: {gap:+.4f} "
-          f"(goal within 0.005); Dice between the two: {dice(pred[ours_name], pred[monai_name]):.4f}, "
-          f"voxels agreeing {agree:.5f}")
+    for c in runs:
+        start = time.perf_counter()
+        tiles = c.gather()
+        gather = time.perf_counter() - start
+        network = c.network(tiles)
+        total = statistics.median(c.seconds)
+        rest = total - gather - network
+        print(f"| {c.name} | {total:.2f} | {gather:.2f} | {network:.2f} ({network / total:.0%}) "
+              f"| {rest:.2f} ({rest / total:.0%}) |")
+        del tiles
 
 
 # -- (b) peak memory, in a child process -----------------------------------------------------------------
@@ -264,8 +386,21 @@ def part_b(size: dict, mode: str, threads: int, compare: bool) -> None:
 # -- (c) folder throughput ---------------------------------------------------------------------------------
 
 
-def part_c(model, size, device, folder: Path) -> None:
-    scans = sorted((folder / "imagesTr").glob("*.nii.gz"))
+def folder_cases(folder: Path, size: dict, count: int) -> list[Path]:
+    """``count`` gzip NIfTI lesion volumes: a few rendered, the rest byte copies under other names (reading
+    and decompressing cost the same; rendering 32 would take minutes)."""
+    with contextlib.redirect_stdout(sys.stderr):  # make_lesions is quiet; keep stdout for figures
+        make_lesions(folder, n=min(count, 4), size=size["case"], spacing=(1.0, 1.0, 1.0), seed=2)
+    rendered = sorted((folder / "imagesTr").glob("*.nii.gz"))
+    for i in range(len(rendered), count):
+        shutil.copyfile(rendered[i % len(rendered)], folder / "imagesTr" / f"copy_{i:03d}_0000.nii.gz")
+    return sorted((folder / "imagesTr").glob("*.nii.gz"))
+
+
+def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
+    scans = folder_cases(folder, size, count)
+    torch.manual_seed(0)
+    model = build_network("unet", size["folder_net"], spatial_dims=3, in_channels=1, num_classes=NUM_CLASSES).eval()
     meta = {
         "patch_size": [size["patch"]] * 3,
         "classes": {"background": 0, "lesion": 1},
@@ -274,10 +409,10 @@ def part_c(model, size, device, folder: Path) -> None:
         "label_kind": "semantic",
         "inference": {"overlap": OVERLAP, "sw_batch_size": 4},
     }
-    warm = folder / "out_warm"
-    predict_batch(model, meta, scans[:1], warm, device=device, show_progress=False)
+    predict_batch(model, meta, scans[:1], folder / "out_warm", device=device, show_progress=False)
 
     def sequential(out: Path) -> dict[str, float]:
+        """The naive loop: load -> predict -> write, one case after the other, the same CasePredictor."""
         out.mkdir(parents=True, exist_ok=True)
         engine = CasePredictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
                            instances=False, probabilities=False)
@@ -289,7 +424,7 @@ def part_c(model, size, device, folder: Path) -> None:
             result = engine.compute(data)
             sync(device)
             t2 = time.perf_counter()
-            write_image(result["labels"], output_path(scan, out), meta=result["meta"])
+            write_image(result["labels"], output_path(scan, out), meta=result["meta"], compression_level=level)
             times["load"] += t1 - t0
             times["compute"] += t2 - t1
             times["write"] += time.perf_counter() - t2
@@ -299,27 +434,52 @@ def part_c(model, size, device, folder: Path) -> None:
     seconds = {"sequential": 0.0, "predict_batch": 0.0}
     parts = {"load": 0.0, "compute": 0.0, "write": 0.0}
     for i, name in enumerate(("sequential", "predict_batch", "predict_batch", "sequential")):
+        out = folder / f"out_{name}{i}"
         start = time.perf_counter()
         if name == "sequential":
-            for key, value in sequential(folder / f"out_sequential{i}").items():
+            for key, value in sequential(out).items():
                 parts[key] += value / 2
         else:
-            records = predict_batch(model, meta, scans, folder / f"out_batch{i}", device=device, show_progress=False)
+            records = predict_batch(model, meta, scans, out, device=device, show_progress=False,
+                                    compression_level=level)
         seconds[name] += (time.perf_counter() - start) / 2
+        if i:  # the page cache should hold the inputs, not the outputs of earlier rounds
+            shutil.rmtree(out)
     t_seq, t_batch = seconds["sequential"], seconds["predict_batch"]
     failed = [r for r in records if r.status != "ok"]
     n = len(scans)
     bound = sum(parts.values()) / max(parts["compute"], parts["load"] + parts["write"])
-    print(f"\n## (c) {n} NIfTI volumes of {size['case']}^3 (int16, gzip), patch {size['patch']}^3, "
-          f"overlap {OVERLAP}; files in the page cache for both")
+    mib = sum(s.stat().st_size for s in scans) / n / 2**20
+    print(f"\n## (c) {n} gzip NIfTI volumes of {'x'.join(map(str, size['case']))} (int16, {mib:.1f} MiB each, "
+          f"page-cached), UNet {size['folder_net']}, patch {size['patch']}^3, overlap {OVERLAP}, precision auto, "
+          f"output compression level {'default (1)' if level is None else level}")
     print("| loop | seconds (mean of 2, order A B B A) | cases/s |")
     print("|---|---:|---:|")
-    print(f"| sequential (load -> predict -> save) | {t_seq:.2f} | {n / t_seq:.2f} |")
-    print(f"| predict_batch (threaded read/write) | {t_batch:.2f} | {n / t_batch:.2f} |")
+    print(f"| naive sequential (load -> predict -> write) | {t_seq:.2f} | {n / t_seq:.2f} |")
+    print(f"| predict_batch (reads ahead and writes behind in threads) | {t_batch:.2f} | {n / t_batch:.2f} |")
     print(f"ratio predict_batch/sequential: {t_seq / t_batch:.2f}x (goal >= 1.3x)"
           + (f"; {len(failed)} cases failed: {failed[0].error}" if failed else ""))
-    print(f"sequential loop, seconds per case: load {parts['load'] / n:.3f}, compute {parts['compute'] / n:.3f}, "
-          f"write {parts['write'] / n:.3f}; the most any overlap can gain here: {bound:.2f}x")
+    print(f"naive loop, seconds per case: load (gunzip + z-score) {parts['load'] / n:.3f}, compute "
+          f"{parts['compute'] / n:.3f}, write {parts['write'] / n:.3f}; the most overlapping can gain: {bound:.2f}x "
+          f"(sum / max(compute, load + write))")
+    compression_levels(scans[0], model, meta, device)
+
+
+def compression_levels(scan: Path, model, meta: dict, device) -> None:
+    """Seconds and size of writing one predicted label map at each zlib level."""
+    engine = CasePredictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
+                           instances=False, probabilities=False)
+    result = engine.compute(engine.load(scan))
+    print("| output compression level | write seconds (best of 3) | MiB |")
+    print("|---|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in (0, 1, 6, 9):
+            path, best = Path(tmp) / f"l{level}.nii.gz", float("inf")
+            for _ in range(3):
+                start = time.perf_counter()
+                write_image(result["labels"], path, meta=result["meta"], compression_level=level)
+                best = min(best, time.perf_counter() - start)
+            print(f"| {level}{' (default)' if level == 1 else ''} | {best:.3f} | {path.stat().st_size / 2**20:.2f} |")
 
 
 def main() -> None:
@@ -328,10 +488,16 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--parts", nargs="+", choices=["a", "b", "c"], default=["a", "b", "c"])
     parser.add_argument("--repeats", type=int, default=None, help="timed predictions in (a) (default 2, cuda 5)")
-    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default 20, quick 0)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="most training steps; training stops once the Dice of the volume is > 0.8 "
+                             "(default 1000, quick 0)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="(a): also ours and MONAI with channels_last_3d windows")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's CPUs)")
     parser.add_argument("--compare-probabilities", action="store_true",
                         help="(b): also measure __call__ + argmax, in a second process")
+    parser.add_argument("--cases", type=int, default=None, help="(c): volumes in the folder (default 32, quick 4)")
+    parser.add_argument("--compression-level", type=int, default=None, help="(c): zlib level of the outputs")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # internal: part (b) in a fresh process
     args = parser.parse_args()
 
@@ -348,7 +514,7 @@ def main() -> None:
     mode = "quick" if args.quick else "full"
     size = SIZES[mode]
     repeats = args.repeats or (5 if device.type == "cuda" else 2)
-    steps = args.train_steps if args.train_steps is not None else (0 if args.quick else 20)
+    steps = args.train_steps if args.train_steps is not None else (0 if args.quick else 1000)
     print(f"torch {torch.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, {threads} CPU "
           f"threads, load average {os.getloadavg()[0]:.2f}; UNet {size['net']}, patch {size['patch']}^3")
@@ -357,19 +523,18 @@ def main() -> None:
         tmp = Path(tmp)
         if "a" in args.parts:
             start = time.perf_counter()
-            volume = (size["volume"],) * 3
-            make_lesions(tmp / "a", n=1, n_test=1, size=volume, spacing=(1.0, 1.0, 1.0), seed=1)
-            print(f"rendered two {size['volume']}^3 lesion volumes in {time.perf_counter() - start:.0f} s")
+            make_lesions(tmp / "a", n=1, size=(size["volume"],) * 3, spacing=(1.0, 1.0, 1.0), seed=1)
+            print(f"rendered a {size['volume']}^3 lesion volume in {time.perf_counter() - start:.0f} s")
+            start = time.perf_counter()
+            image, label = load_case(tmp / "a", "Tr", "lesions_000")
+            read_seconds = time.perf_counter() - start
             if steps:
-                train(model, *load_case(tmp / "a", "Tr", "lesions_000"), size["patch"], steps, device)
-            image, label = load_case(tmp / "a", "Ts", "lesions_test_000")
-            part_a(model, size, device, repeats, image, label)
+                train(model, image, label, size, steps, device)
+            part_a(model, size, device, repeats, image, label, read_seconds, args.channels_last)
         if "b" in args.parts:
             part_b(size, mode, threads, args.compare_probabilities)
         if "c" in args.parts:
-            with contextlib.redirect_stdout(sys.stderr):  # make_lesions is quiet; keep stdout for figures
-                make_lesions(tmp / "c", n=size["cases"], size=(size["case"],) * 3, spacing=(1.0, 1.0, 1.0), seed=2)
-            part_c(model, size, device, tmp / "c")
+            part_c(size, device, tmp / "c", args.cases or size["cases"], args.compression_level)
 
 
 if __name__ == "__main__":

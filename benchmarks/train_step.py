@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import statistics
 import time
@@ -42,6 +43,7 @@ from medseg.engine.loop import StepSettings, resolve_amp, train_one_epoch
 from medseg.engine.optim import build_scheduler
 from medseg.losses import DiceWeightedCELoss
 from medseg.nets import build_network
+from medseg.precision import detect
 
 NUM_CLASSES = 3
 GRAD_CLIP = 12.0
@@ -93,24 +95,25 @@ class Sync:
             torch.cuda.synchronize()
 
 
-def build_ours(model: torch.nn.Module, device: torch.device, steps: int):
+def build_ours(model: torch.nn.Module, device: torch.device, steps: int, amp: str = "auto", compile: bool = False):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
     # sized so that the poly schedule never reaches 0 during the benchmark
     scheduler = build_scheduler(optimizer, SchedulerConfig(name="poly"), epochs=1000, steps_per_epoch=steps)
-    amp = resolve_amp("auto", device)
-    settings = StepSettings(device=device, amp_dtype=amp, grad_clip=GRAD_CLIP)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    amp_dtype = resolve_amp(amp, device)
+    settings = StepSettings(device=device, amp_dtype=amp_dtype, grad_clip=GRAD_CLIP)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loss_fn = DiceWeightedCELoss(NUM_CLASSES).to(device)
+    net = torch.compile(model) if compile else model  # as pipelines/train.py does for train.compile
 
     def epoch(batches):
-        return train_one_epoch(model, batches, loss_fn, optimizer, scheduler, scaler, settings)
+        return train_one_epoch(net, batches, loss_fn, optimizer, scheduler, scaler, settings)
 
     return epoch
 
 
-def build_plain(model: torch.nn.Module, device: torch.device):
+def build_plain(model: torch.nn.Module, device: torch.device, amp: str = "auto"):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.99, nesterov=True)
-    amp = resolve_amp("auto", device)
+    amp = resolve_amp(amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -178,38 +181,78 @@ def breakdown(case: Case, device: torch.device, batches: list[dict], repeats: in
     return {name: 1000 * min(t) for name, t in times.items()}
 
 
-def run_case(case: Case, device: torch.device, repeats: int, steps: int) -> None:
+def contenders(device: torch.device, compile: bool) -> dict[str, tuple]:
+    """Loop name -> (builder kind, precision, compile). bf16 rows only where the hardware has bf16 (or CUDA)."""
+    rows = {"plain MONAI loop, fp32": ("plain", "fp32", False), "ours, fp32": ("ours", "fp32", False)}
+    if device.type == "cuda":
+        rows = {"plain MONAI loop, AMP": ("plain", "auto", False), "ours, AMP": ("ours", "auto", False)}
+    elif detect(device).cpu_bf16:
+        rows["ours, bf16 (train.amp: bf16)"] = ("ours", "bf16", False)
+        rows["plain MONAI loop + the user's bf16 autocast"] = ("plain", "bf16", False)
+    if compile:
+        key = "ours, bf16" if "ours, bf16 (train.amp: bf16)" in rows else "ours, fp32"
+        rows[f"{key}, torch.compile (train.compile: true)"] = ("ours", "bf16" if "bf16" in key else "fp32", True)
+    return rows
+
+
+@torch.inference_mode()
+def validation_dice(model: torch.nn.Module, batches: list[dict], device: torch.device) -> float:
+    """Mean foreground Dice (classes 1..K-1, all held-out voxels pooled per class), fp32, eval mode."""
+    model.eval()
+    hits = torch.zeros(NUM_CLASSES)
+    sizes = torch.zeros(NUM_CLASSES)
+    for batch in batches:
+        pred = model(batch["image"].to(device)).argmax(1).cpu()
+        ref = batch["label"][:, 0].long()
+        for c in range(1, NUM_CLASSES):
+            hits[c] += 2 * ((pred == c) & (ref == c)).sum()
+            sizes[c] += (pred == c).sum() + (ref == c).sum()
+    return float((hits[1:] / sizes[1:].clamp(min=1)).mean())
+
+
+def run_case(case: Case, device: torch.device, repeats: int, steps: int, compile: bool) -> None:
     torch.manual_seed(0)
     base = build_network("unet", case.params, spatial_dims=len(case.spatial), in_channels=1, num_classes=NUM_CLASSES)
-    ours_model, plain_model = copy.deepcopy(base).to(device), copy.deepcopy(base).to(device)
     params = sum(p.numel() for p in base.parameters())
     batches = make_batches(case, steps)
+    held_out = make_batches(case, 4, seed=1)
     samples = steps * case.batch
-    ours, plain = build_ours(ours_model, device, steps), build_plain(plain_model, device)
     sync = Sync(device)
-    loops = {"ours": lambda: ours(batches), "plain": lambda: plain(batches)}
-    for fn in loops.values():  # warm-up: oneDNN / cuDNN set-up, allocator growth
-        fn()
+    models, loops = {}, {}
+    for name, (kind, amp, compiled) in contenders(device, compile).items():
+        models[name] = copy.deepcopy(base).to(device)  # identical initial weights
+        epoch = (build_ours(models[name], device, steps, amp, compiled) if kind == "ours"
+                 else build_plain(models[name], device, amp))
+        loops[name] = functools.partial(epoch, batches)
+    warm: dict[str, float] = {}
+    for name, fn in loops.items():  # warm-up: oneDNN / cuDNN set-up, allocator growth, compilation
+        warm[name] = timed(fn, sync)
     rates: dict[str, list[float]] = {name: [] for name in loops}
-    for _ in range(repeats):
+    for _ in range(repeats):  # alternate, so that a change of load hits every loop alike
         for name, fn in loops.items():
             rates[name].append(samples / timed(fn, sync))
-    ours_rate, plain_rate = statistics.median(rates["ours"]), statistics.median(rates["plain"])
-    paired = statistics.median(o / p for o, p in zip(rates["ours"], rates["plain"]))
+    plain = next(iter(loops))
+    plain_rate = statistics.median(rates[plain])
+    dice = {name: validation_dice(model, held_out, device) for name, model in models.items()}
     size = "x".join(map(str, (case.batch, 1, *case.spatial)))
     print(f"\n## {case.name}: input {size}, {NUM_CLASSES} classes, medseg UNet {case.params} "
-          f"({params / 1e6:.2f}M params) in both loops, {steps} batches per epoch, median of {repeats} epochs")
-    print("| loop | samples/s (median) | min | max |")
-    print("|---|---:|---:|---:|")
+          f"({params / 1e6:.2f}M params) in every loop, {steps} batches per epoch, median of {repeats} epochs "
+          f"after a warm-up epoch; validation Dice on 4 held-out batches after the same {(repeats + 1) * steps} steps")
+    print(f"| loop | samples/s (median) | min | max | / {plain} (paired median) | first epoch s "
+          f"| validation Dice | Dice - plain | Dice - same loop in fp32 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    kinds = contenders(device, compile)
     for name in loops:
-        print(f"| {name} | {statistics.median(rates[name]):.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} |")
-    print(f"ratio ours/plain: {ours_rate / plain_rate:.3f} (medians), {paired:.3f} (median of paired epochs); "
-          f"goal >= 0.95")
+        twin = next((n for n, (kind, amp, compiled) in kinds.items()
+                     if kind == kinds[name][0] and amp in ("fp32", "auto") and not compiled), name)
+        paired = statistics.median(o / p for o, p in zip(rates[name], rates[plain]))
+        print(f"| {name} | {statistics.median(rates[name]):.2f} | {min(rates[name]):.2f} | {max(rates[name]):.2f} "
+              f"| {statistics.median(rates[name]) / plain_rate:.2f}x ({paired:.2f}x) | {warm[name]:.1f} "
+              f"| {dice[name]:.4f} | {dice[name] - dice[plain]:+.4f} | {dice[name] - dice[twin]:+.4f} |")
+    print("goals: ours >= 1.5x the plain loop where the CPU has bf16 (else >= 1.0x), Dice within 0.01")
     print("what only one loop does, ms per step (fixed logits, no network; min of interleaved runs):")
     for name, ms in breakdown(case, device, batches, repeats).items():
         print(f"  {name}: {ms:.1f}")
-    step_ms = 1000 * case.batch / ours_rate
-    print(f"  (one step of ours: {step_ms:.0f} ms)")
 
 
 def main() -> None:
@@ -217,10 +260,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small inputs and networks (seconds)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=None, help="timed epochs per loop (default 5, cuda 10)")
-    parser.add_argument("--steps", type=int, default=None, help="batches per epoch (default 2, cuda 20)")
+    parser.add_argument("--steps", type=int, default=None, help="batches per epoch (default 6, cuda 20)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's CPUs)")
     parser.add_argument("--keep-denormals", action="store_true", help="do not flush denormals to zero on CPU")
     parser.add_argument("--cases", nargs="+", choices=["2d", "3d"], default=["2d", "3d"])
+    parser.add_argument("--compile", action="store_true", help="also ours with torch.compile (train.compile)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -231,14 +275,15 @@ def main() -> None:
     flushed = not args.keep_denormals and torch.set_flush_denormal(True)
     cuda = device.type == "cuda"
     repeats = args.repeats or (10 if cuda else 5)
-    steps = args.steps or (20 if cuda else 2)
-    amp = resolve_amp("auto", device)
+    steps = args.steps or (20 if cuda else 6)
+    caps = detect(device)
     print(f"torch {torch.__version__}, MONAI {monai.__version__}, device {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if cuda else ''}, {threads} CPU threads, "
-          f"AMP {amp or 'off'}, denormals {'flushed' if flushed else 'kept'}, load average {os.getloadavg()[0]:.2f}")
+          f"CPU bf16 {'native' if caps.cpu_bf16 else 'not native'}, denormals {'flushed' if flushed else 'kept'}, "
+          f"load average {os.getloadavg()[0]:.2f}")
     for case in CASES["quick" if args.quick else "full"]:
         if case.name in args.cases:
-            run_case(case, device, repeats, steps)
+            run_case(case, device, repeats, steps, args.compile)
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def predict_batch(
     model: torch.nn.Module, meta: dict[str, Any], scans: list[Path], out_dir: Path, *, device: torch.device,
     tta: bool | None = None, overlap: float | None = None, sw_batch_size: int | None = None, instances: bool = False,
     probabilities: bool = False, skip_existing: bool = False, show_progress: bool = True, nonfinite: str = "error",
-    overrides: list[str] | None = None, precision: str | None = None,
+    overrides: list[str] | None = None, precision: str | None = None, compression_level: int | None = None,
 ) -> list[CaseRecord]:
     """Predict ``scans`` into ``out_dir``; never raises for one bad scan: its record says what went wrong.
 
@@ -136,6 +136,7 @@ def predict_batch(
     NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
     degenerate affine or the wrong channel count fails when loaded, before any compute.
     ``overrides``: ``KEY=VALUE`` post-processing settings (see :class:`medseg.predictor.CasePredictor`).
+    ``compression_level``: zlib level 0-9 of the written label and instance maps (None: the format's default).
     """
     engine = CasePredictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
                            instances=instances, probabilities=probabilities, nonfinite=nonfinite,
@@ -169,7 +170,7 @@ def predict_batch(
                     est = engine.window.estimate_memory(list(data["image"].shape))
                     log.info("memory estimate for %s: %.1f MiB", rec.case, est.get("total", 0) / 2**20)
                 result = engine.compute(data)
-                pending.append((rec, writer.submit(_write, rec, result, out_dir)))
+                pending.append((rec, writer.submit(_write, rec, result, out_dir, compression_level)))
             except Exception as err:  # one bad scan must not stop the batch
                 rec.status, rec.error = "failed", _reason(err)
                 log.error("%s: %s", rec.input, rec.error)
@@ -191,12 +192,12 @@ def _reason(err: Exception) -> str:
     return str(cause) if cause is not None else f"{type(err).__name__}: {err}"
 
 
-def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
+def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path, level: int | None = None) -> None:
     scan, meta = Path(rec.input), result["meta"]
     if "instances" in result:
         inst = result["instances"]
         dtype = np.uint16 if inst.max(initial=0) < 65536 else np.uint32
-        write_image(inst.astype(dtype), output_path(scan, out_dir, "_instances"), meta=meta)
+        write_image(inst.astype(dtype), output_path(scan, out_dir, "_instances"), meta=meta, compression_level=level)
     if "probabilities" in result:
         buffer = io.BytesIO()
         arrays = {"probabilities": result["probabilities"]}
@@ -204,7 +205,8 @@ def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path) -> None:
             arrays["regression"] = result["regression"]
         np.savez_compressed(buffer, **arrays)
         _atomic_bytes(out_dir / f"{rec.case}_probabilities.npz", buffer.getvalue())
-    write_image(result["labels"], Path(rec.output), meta=meta)  # written last: its presence means "done"
+    # written last: its presence means "done"
+    write_image(result["labels"], Path(rec.output), meta=meta, compression_level=level)
 
 
 def _atomic_bytes(target: Path, data: bytes) -> None:
@@ -255,6 +257,8 @@ def write_manifest(records: list[CaseRecord], out_dir: Path, skipped_inputs: lis
 def run_predict_cli(args: argparse.Namespace) -> int:
     if args.overlap is not None and not 0 <= args.overlap < 1:
         raise ConfigError("--overlap", f"expected a value in [0, 1), got {args.overlap}")
+    if args.compression_level is not None and not 0 <= args.compression_level <= 9:
+        raise ConfigError("--compression-level", f"expected 0 (stored) to 9 (smallest), got {args.compression_level}")
     if args.sw_batch_size is not None and args.sw_batch_size < 1:
         raise ConfigError("--sw-batch-size", f"expected a positive integer, got {args.sw_batch_size}")
     dist_info = dist.init_distributed(args.device)
@@ -278,7 +282,7 @@ def run_predict_cli(args: argparse.Namespace) -> int:
             model, meta, mine, args.output, device=dist_info.device, tta=args.tta, overlap=args.overlap,
             sw_batch_size=args.sw_batch_size, instances=args.instances, probabilities=args.save_probabilities,
             skip_existing=args.skip_existing, show_progress=dist_info.is_main, nonfinite=args.nonfinite,
-            overrides=args.overrides, precision=args.precision,
+            overrides=args.overrides, precision=args.precision, compression_level=args.compression_level,
         )
         name = "manifest" if not dist_info.enabled else f"manifest_rank{dist_info.rank}"
         write_manifest(records, args.output, skipped if dist_info.is_main else [], name)

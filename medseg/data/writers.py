@@ -6,6 +6,7 @@ PNG/JPEG/TIFF only the values, with the readers' ``[C, x, y(, z)]`` axis convent
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
@@ -52,7 +53,7 @@ def write_label(data, path, meta: dict | None = None) -> Path:
     return write_image(array, path, meta, dtype=compact_int_dtype(low, high))
 
 
-def write_image(data, path, meta: dict | None = None, dtype=None) -> Path:
+def write_image(data, path, meta: dict | None = None, dtype=None, compression_level: int | None = None) -> Path:
     """Atomically write ``data`` (``[C, *spatial]`` or ``[*spatial]``) with the geometry in ``meta``.
 
     NIfTI gets the affine (with the source's qform/sform codes when it was NIfTI, else scanner codes 1),
@@ -66,6 +67,9 @@ def write_image(data, path, meta: dict | None = None, dtype=None) -> Path:
         path: target file; its extension picks the format.
         meta: meta dict of the reference image; ``data.meta`` when None.
         dtype: stored dtype; None keeps the data's (integral values are narrowed to what PNG/JPEG hold).
+        compression_level: zlib level 0 (stored, fastest) to 9 (smallest, slowest) of a compressed format
+            (``.nii.gz``, compressed MHA/NRRD, TIFF, PNG); None: each writer's default (NIfTI 1, as nibabel;
+            MHA/NRRD SimpleITK's; TIFF and PNG 6). Ignored by uncompressed formats and JPEG.
 
     Returns:
         ``path`` as a ``Path``.
@@ -82,10 +86,12 @@ def write_image(data, path, meta: dict | None = None, dtype=None) -> Path:
         array = array[None]
     if array.ndim != rank + 1 or array.shape[0] == 0:
         raise DataError(path, f"expected [C, *spatial] or [*spatial] with {rank} spatial dims, got {array.shape}")
+    if compression_level is not None and not 0 <= int(compression_level) <= 9:
+        raise DataError(path, f"compression level must be 0..9, got {compression_level}")
     if dtype is not None:
         dtype = np.dtype(dtype)
         array = (np.rint(array) if dtype.kind in "iu" and array.dtype.kind == "f" else array).astype(dtype)
-    _atomic_write(path, lambda tmp: writer(_storable(array), tmp, meta, path))
+    _atomic_write(path, lambda tmp: writer(_storable(array), tmp, meta, path, compression_level))
     return path
 
 
@@ -131,7 +137,7 @@ def _source_nifti_forms(meta: dict, affine: np.ndarray) -> nib.Nifti1Header | No
     return header if np.allclose(source, affine, atol=1e-4) else None
 
 
-def _write_nifti(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
+def _write_nifti(array: np.ndarray, tmp: Path, meta: dict, path: Path, level: int | None) -> None:
     affine = _ras_affine(meta, 3)
     volume = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # NIfTI keeps channels last
     if array.shape[0] > 1 and array.ndim == 3:  # a singleton z, or the channels would read as a 3rd axis
@@ -147,10 +153,14 @@ def _write_nifti(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
             image.header[key] = source[key]
         image.header["pixdim"][:4] = source["pixdim"][:4]  # qfac and voxel sizes; pixdim[4:] is not geometry
     image.header.set_xyzt_units("mm")
-    nib.save(image, tmp)
+    if level is None or split_name(path)[1] != ".nii.gz":
+        nib.save(image, tmp)
+    else:  # nibabel's writer has one class-wide level; the bytes of the same file, gzipped at ours
+        with gzip.GzipFile(tmp, "wb", compresslevel=int(level), mtime=0) as fh:
+            fh.write(image.to_bytes())
 
 
-def _write_sitk(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
+def _write_sitk(array: np.ndarray, tmp: Path, meta: dict, path: Path, level: int | None) -> None:
     rank = array.ndim - 1
     if rank > 3:
         raise DataError(path, f"expected at most 3 spatial dims, got {rank}")
@@ -162,7 +172,7 @@ def _write_sitk(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(affine[:rank, -1].tolist())
     image.SetDirection((affine[:rank, :rank] / spacing).flatten().tolist())
-    sitk.WriteImage(image, str(tmp), useCompression=True)
+    sitk.WriteImage(image, str(tmp), useCompression=level != 0, compressionLevel=-1 if level is None else int(level))
 
 
 def _narrowed(array: np.ndarray, allowed: Sequence, path: Path) -> np.ndarray:
@@ -182,17 +192,17 @@ def _narrowed(array: np.ndarray, allowed: Sequence, path: Path) -> np.ndarray:
     )
 
 
-def _write_pil(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
+def _write_pil(array: np.ndarray, tmp: Path, meta: dict, path: Path, level: int | None) -> None:
     jpeg = split_name(path)[1] != ".png"
     channels = array.shape[0]
     if array.ndim != 3 or channels not in ((1, 3) if jpeg else (1, 3, 4)):
         raise DataError(path, f"{path.suffix} holds one 2D grey/RGB(A) image; got [C, *spatial] = {array.shape}")
     array = _narrowed(array, (np.uint8,) if jpeg or channels > 1 else (np.uint8, np.uint16), path)
     image = Image.fromarray(np.ascontiguousarray(array.T if channels > 1 else array[0].T))
-    image.save(tmp, **({"quality": 95} if jpeg else {}))
+    image.save(tmp, **({"quality": 95} if jpeg else {"compress_level": 6 if level is None else int(level)}))
 
 
-def _write_tiff(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
+def _write_tiff(array: np.ndarray, tmp: Path, meta: dict, path: Path, level: int | None) -> None:
     channels, rank = array.shape[0], array.ndim - 1
     if rank not in (2, 3):
         raise DataError(path, f"TIFF holds a 2D image or a page stack; got [C, *spatial] = {array.shape}")
@@ -203,8 +213,10 @@ def _write_tiff(array: np.ndarray, tmp: Path, meta: dict, path: Path) -> None:
         data, axes, photometric = array.T, spatial + "S", "rgb"
     else:
         data, axes, photometric = np.moveaxis(array.T, -1, 0), "C" + spatial, "minisblack"
+    zlib = level != 0
     tifffile.imwrite(
-        tmp, np.ascontiguousarray(data), photometric=photometric, compression="zlib", metadata={"axes": axes}
+        tmp, np.ascontiguousarray(data), photometric=photometric, compression="zlib" if zlib else None,
+        compressionargs={"level": 6 if level is None else int(level)} if zlib else None, metadata={"axes": axes},
     )
 
 

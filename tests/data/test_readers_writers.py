@@ -273,3 +273,24 @@ def test_unsupported_and_unreadable_files_name_the_file(tmp_path):
         load_image(tmp_path / "broken.nii.gz")
     with pytest.raises(DataError, match="cannot write"):
         write_image(np.zeros((1, 2, 2)), tmp_path / "x.bmp")
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".mha", ".tif", ".png"])
+def test_compression_level_changes_size_not_content(tmp_path, ext):
+    """Level 0 stores, 9 squeezes: the same labels and geometry come back, the files differ in size."""
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 36, 12) if ext != ".png" else (64, 48)) < 0.2).astype(np.uint8)
+    labels[:10] = 0  # something to compress
+    meta = {"affine": torch.from_numpy(OBLIQUE)} if ext in (".nii.gz", ".mha") else {}
+    sizes = {}
+    for level in (0, 9, None):
+        path = write_label(labels[None], tmp_path / f"l{level}{ext}", meta) if level is None else write_image(
+            labels[None], tmp_path / f"l{level}{ext}", meta, dtype=np.uint8, compression_level=level)
+        again = load_image(path)
+        np.testing.assert_array_equal(again[0].numpy(), labels)
+        if meta:
+            np.testing.assert_allclose(again.affine.numpy(), OBLIQUE, atol=1e-5)
+        sizes[level] = path.stat().st_size
+    assert sizes[9] < sizes[None] <= sizes[0] if ext != ".mha" else sizes[9] < sizes[0]
+    with pytest.raises(DataError, match="compression level must be 0..9"):
+        write_image(labels, tmp_path / f"bad{ext}", meta, compression_level=11)

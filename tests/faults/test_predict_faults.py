@@ -205,3 +205,13 @@ def test_stale_temporaries_of_a_killed_run_are_removed(trained, tmp_path):
     left = sorted(p.name for p in out.iterdir())
     assert left == [".hidden_user_file", "good.nii.gz", "good_probabilities.npz", "manifest.csv", "manifest.json",
                     "notes.tmp.txt"], left
+
+
+def test_compression_level_keeps_the_labels_and_a_bad_level_is_refused(trained, clean_good, tmp_path):
+    inp = tmp_path / "in"
+    _good(inp)
+    _predict(trained["model"], inp, tmp_path / "stored", "--compression-level", "0")
+    _assert_good_written(tmp_path / "stored", clean_good)
+    assert (tmp_path / "stored" / "good.nii.gz").stat().st_size > clean_good.stat().st_size  # level 0: stored
+    res = _predict(trained["model"], inp, tmp_path / "bad", "--compression-level", "12")
+    assert_clean_failure(res, 2, "--compression-level", "0 (stored) to 9")
