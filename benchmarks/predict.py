@@ -1,35 +1,41 @@
 """Prediction: our sliding window against MONAI's, streaming memory, and folder throughput, in one run.
 
-    python benchmarks/predict.py               # full sizes (about 10 minutes on 2 busy CPU cores)
-    python benchmarks/predict.py --quick       # small sizes, untrained network (a smoke run)
+    python benchmarks/predict.py --threads 1   # full sizes (about 15-20 minutes on 2 busy CPU cores)
+    python benchmarks/predict.py --quick       # small sizes, barely trained network (a smoke run)
     python benchmarks/predict.py --device cuda --parts a c
 
-One medseg 3D UNet (``features 4, depth 3``, 2 classes, patch 64^3) serves every part. In the full run it
-is first trained for ``--train-steps`` steps (our loop, Dice + CE, Adam) on patches of a synthetic lesion
-volume (:func:`medseg.data.synth.make_lesions`, 1 mm isotropic), so that the Dice below means something;
-``--quick`` skips training and only compares the two predictions with each other.
+(a) One medseg 3D UNet (``features 8, depth 3``, 2 classes) is first trained by our loop (Dice + CE, Adam,
+    bf16 autocast where the CPU has it) on 48^3 crops of a synthetic 192^3 lesion volume
+    (:func:`medseg.data.synth.make_lesions`, 1 mm), checking every ``check_every`` steps the Dice of its
+    prediction of that volume and stopping once it is > 0.8 (the best weights are kept): the point is a
+    network that predicts the lesions, so that "the two label maps agree" means something, not
+    generalisation. The volume is then predicted (patch 64^3, overlap 0.25, 64 windows) by:
 
-(a) A held-out 192^3 lesion volume, predicted by :class:`medseg.inference.SlidingWindowPredictor` with its
-    defaults (4 windows per call, Gaussian blending, inference mode, AMP on CUDA) and by MONAI's
-    ``sliding_window_inference`` with its defaults (``sw_batch_size=1``, constant blending, fp32) under
-    ``torch.no_grad()``; both at MONAI's default overlap 0.25 (the same 4x4x4 = 64 windows). The two
-    alternate (``--repeats`` each, after a warm-up on a small volume); the median seconds, their ratio,
-    the Dice of each label map against the reference and the Dice between the two are printed.
+    * ours: :meth:`SlidingWindowPredictor.predict_labels` with its defaults (4 windows per call, Gaussian,
+      inference mode, ``amp="auto"``: bf16 where the hardware has it) and, for the bf16 decision, in fp32;
+    * MONAI ``sliding_window_inference`` at its defaults (``sw_batch_size=1``, constant blending,
+      ``torch.no_grad()``, fp32) and at its best settings (``sw_batch_size=4``, Gaussian,
+      ``torch.inference_mode()``, fp32: what its API offers), then with the bf16 autocast a MONAI user can
+      wrap around it (the same precision trick, so the ratio that isolates the rest of the path);
+    * with ``--channels-last``: both again with channels_last_3d windows.
+
+    They alternate (``--repeats`` each, after a warm-up run each on the whole volume); medians, ratios, Dice
+    against the reference and against MONAI best are printed, then where the time goes: the window gathering
+    and the network timed alone on the same window batches, the rest being blending, normalising, argmax and
+    copies; reading + z-scoring the NIfTI file is timed once (the same for all).
 (b) Peak memory of :meth:`SlidingWindowPredictor.predict_labels` (the label-streaming path) on a float32
     512x512x256 volume, in a fresh subprocess on the CPU: peak RSS minus the RSS once the model is loaded
-    and the volume created, against the volume's float32 size. Overlap 0 there (256 windows instead of
-    605 at 0.25, to keep the run short): the live slabs span one to two window heights at any overlap, as
-    the printed :meth:`estimate_memory` figures for overlaps 0, 0.25 and 0.5 show. With
-    ``--compare-probabilities``, the same in a second fresh process through ``__call__`` + ``argmax``: the
-    whole class probabilities, which ``medseg predict`` still builds when it resamples to a target spacing
-    or writes instances or probabilities.
-(c) 16 NIfTI lesion volumes of 96^3 predicted into a folder by :func:`pipelines.predict.predict_batch`
-    (reads the next scan and writes the last in threads while computing) and by a sequential loop over the
-    same :class:`medseg.predictor.CasePredictor` (load -> compute -> write, one after the other), run in the
-    order sequential, batch, batch, sequential and averaged. The loop's
-    own load / compute / write times bound what any overlap can gain: ``sum / max(compute, load + write)``.
+    and the volume created, against the volume's float32 size (overlap 0). With
+    ``--compare-probabilities``, the same through ``__call__`` + ``argmax`` in a second fresh process.
+(c) ``--cases`` (32) gzip NIfTI lesion volumes of 256x256x128 (4 rendered, the rest byte copies) predicted
+    into a folder with a small UNet (``features 4, depth 1``), so that reading, decompressing and writing
+    are a real share: :func:`pipelines.predict.predict_batch` (reads the next scan and writes the last in
+    threads while computing) against the naive loop over the same :class:`medseg.predictor.CasePredictor`
+    (load -> compute -> write), in the order naive, batch, batch, naive. The naive loop's own load / compute
+    / write times bound what any overlap can gain: ``sum / max(compute, load + write)``. Then the write time
+    and size of one label map at compression levels 0, 1 (default), 6 and 9.
 
-Nothing is asserted; every figure is measured in this run.
+Nothing is asserted; every figure is measured in this run. Use ``--threads 1`` on a shared machine.
 """
 
 from __future__ import annotations
@@ -491,6 +497,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=None,
                         help="most training steps; training stops once the Dice of the volume is > 0.8 "
                              "(default 1000, quick 0)")
+    parser.add_argument("--weights", type=Path, default=None,
+                        help="(a): load the trained network from this file if it exists (no training), else save it "
+                             "there after training")
     parser.add_argument("--channels-last", action="store_true",
                         help="(a): also ours and MONAI with channels_last_3d windows")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: the machine's CPUs)")
@@ -528,8 +537,15 @@ def main() -> None:
             start = time.perf_counter()
             image, label = load_case(tmp / "a", "Tr", "lesions_000")
             read_seconds = time.perf_counter() - start
-            if steps:
+            if args.weights and args.weights.is_file():  # trained by an earlier run of this script
+                model.load_state_dict(torch.load(args.weights, weights_only=True))
+                check = SlidingWindowPredictor(model, (size["patch"],) * 3, NUM_CLASSES, overlap=OVERLAP, device=device)
+                reference = dice(check.predict_labels(torch.from_numpy(image)[None]), label)
+                print(f"weights from {args.weights}: Dice of its prediction of the volume {reference:.3f}")
+            elif steps:
                 train(model, image, label, size, steps, device)
+                if args.weights:
+                    torch.save(model.state_dict(), args.weights)
             part_a(model, size, device, repeats, image, label, read_seconds, args.channels_last)
         if "b" in args.parts:
             part_b(size, mode, threads, args.compare_probabilities)
