@@ -137,8 +137,8 @@ def instance_settings(fp: Fingerprint, draft: _Draft) -> None:
     d, d10 = obj.diameter["median"], obj.diameter["p10"]
     if "instance_target" in DataConfig.model_fields:  # representations (issue 11)
         target, why = (("border", f"objects rarely touch ({obj.touching_share:.0%})") if obj.touching_share < 0.1
-                       else ("distance", f"{obj.touching_share:.0%} of objects touch: distance-map markers split "
-                                         "them; a border class alone merges touching objects"))
+                       else ("flows", f"{obj.touching_share:.0%} of objects touch: offset-map markers split them "
+                                      "(fewest merges in benchmarks/instances.py); a border class alone merges them"))
         draft.set("data.instance_target", target, why)
     sigma = float(np.clip(5.0 * d / REFERENCE_DIAMETER, 1.0, 25.0))
     draft.set("transforms.weight_map", {"enabled": obj.touching_share > 0, "w0": 10.0, "sigma": round(sigma, 2)},

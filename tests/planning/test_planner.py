@@ -83,7 +83,7 @@ def test_weight_map_sigma_and_min_size_scale_with_the_object_diameter():
     assert small["inference"]["min_instance_size"] < large["inference"]["min_instance_size"]
 
 
-def test_touching_objects_choose_the_distance_representation():
+def test_touching_objects_choose_a_shape_aware_representation():
     def chosen(touching_share):
         objects = ObjectStats(50, {"p10": 16.0, "median": 20.0, "p90": 26.0}, {"median": [20.0, 20.0]},
                               touching_share)
@@ -91,7 +91,7 @@ def test_touching_objects_choose_the_distance_representation():
         instance_settings(_fp([[1, 1]], dims=2, objects=objects), draft)
         return draft.raw["data"]["instance_target"]
 
-    assert chosen(0.4) == "distance" and chosen(0.02) == "border"
+    assert chosen(0.4) == "flows" and chosen(0.02) == "border"
 
 
 def test_planned_patch_fits_the_budget_measured(lesions_aniso, tmp_path, probe_cache):
