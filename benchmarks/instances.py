@@ -106,10 +106,10 @@ def run_target(target: str, data: Path, big: Path, work: Path, budget: dict, see
         train_seconds = float("nan")
     else:
         t0 = time.perf_counter()
-        train(cfg, output_dir=run)
+        run = train(cfg, output_dir=run).output_dir  # a new folder when this one holds a training
         train_seconds = time.perf_counter() - t0
     state = load_checkpoint(run / "checkpoints" / "last.pt")
-    speed = state.get("history", {}).get("samples_per_second", [])
+    speed = state.get("history", {}).get("time/samples_per_s", [])
 
     model, meta = load_trained_model(str(run))
     scans = sorted((data / "imagesTs").iterdir())

@@ -17,6 +17,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from scipy import ndimage as ndi
 
 __all__ = ["learning_curves", "middle_slice", "overlay_montage"]
@@ -25,8 +27,9 @@ __all__ = ["learning_curves", "middle_slice", "overlay_montage"]
 _CLASS_COLOURS = np.array(
     [[0.2, 1.0, 0.2], [1.0, 0.9, 0.1], [0.1, 0.9, 1.0], [1.0, 0.55, 0.1], [0.6, 0.6, 1.0]], dtype=np.float32
 )
+_BEST_COLOUR = "#e6007e"  # the best-epoch line: a hue no curve of the default cycle has
 _PRED_COLOUR = np.array([1.0, 0.1, 0.9], dtype=np.float32)
-_PANEL_INCHES = 3.2
+_PANEL_INCHES = 4.5
 _DPI = 100
 
 
@@ -111,6 +114,8 @@ def overlay_montage(
     preds: list[np.ndarray | None] | None = None,
     ncols: int = 4,
     instance: bool = False,
+    class_names: Sequence[str] | None = None,
+    title: str | None = None,
 ) -> Path:
     """Write a grid of images with their label contours (and prediction contours) as one PNG.
 
@@ -124,6 +129,8 @@ def overlay_montage(
         preds: predicted label maps ``H W``, drawn in magenta over the reference contours.
         ncols: panels per row.
         instance: colour every label id on its own (instance maps) instead of per class.
+        class_names: names of the foreground classes 1, 2, ...: the legend then names each colour.
+        title: a title over the whole figure.
 
     Returns:
         ``out``.
@@ -154,27 +161,41 @@ def overlay_montage(
     cols = min(ncols, n)
     rows = math.ceil(n / cols)
     aspect = max(p.shape[0] / p.shape[1] for p in panels)
-    title_h = 0.3 if titles is not None else 0.0
-    fig = Figure(figsize=(cols * _PANEL_INCHES, rows * (_PANEL_INCHES * aspect + title_h) + 0.25))
+    title_h = 0.35 if titles is not None else 0.0
+    handles = _legend_handles(instance, class_names, preds is not None)
+    legend_cols = max(1, min(len(handles), 2 * cols))
+    top_h, legend_h = (0.45 if title else 0.1), 0.15 + 0.3 * math.ceil(len(handles) / legend_cols)
+    height = rows * (_PANEL_INCHES * aspect + title_h) + top_h + legend_h
+    fig = Figure(figsize=(cols * _PANEL_INCHES, height))
     for i, rgb in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(rgb, interpolation="nearest")
         ax.set_axis_off()
         if titles is not None:
-            ax.set_title(str(titles[i]), fontsize=9)
-    legend = "contours: reference" + (" (one colour per instance)" if instance else "")
-    if preds is not None:
-        legend += ", magenta: prediction"
-    fig.text(0.01, 0.005, legend, fontsize=8, va="bottom")
-    fig.subplots_adjust(
-        left=0.01,
-        right=0.99,
-        top=0.97 if titles is None else 0.93,
-        bottom=0.04,
-        wspace=0.03,
-        hspace=0.12 if titles is not None else 0.03,
-    )
+            ax.set_title(str(titles[i]), fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12)
+    fig.legend(handles=handles, loc="lower center", ncol=legend_cols, fontsize=9, frameon=False)
+    fig.subplots_adjust(left=0.01, right=0.99, top=1 - top_h / height, bottom=legend_h / height, wspace=0.03,
+                        hspace=(title_h + 0.05) / (_PANEL_INCHES * aspect))
     return _write_figure(fig, out)
+
+
+def _legend_handles(instance: bool, class_names: Sequence[str] | None, with_preds: bool) -> list[Line2D]:
+    """One entry per reference colour (per class, or one for instances) and one for the prediction."""
+    def line(colour, label: str) -> Line2D:
+        return Line2D([], [], color=tuple(float(c) for c in colour), linewidth=2.5, label=label)
+
+    if instance:
+        handles = [line(_instance_colours(np.array([1]))[0], "reference (one colour per instance)")]
+    elif class_names:
+        handles = [line(_CLASS_COLOURS[i % len(_CLASS_COLOURS)], f"reference: {name}")
+                   for i, name in enumerate(class_names)]
+    else:
+        handles = [line(_CLASS_COLOURS[0], "reference (class 1; 2, 3... in other colours)")]
+    if with_preds:
+        handles.append(line(_PRED_COLOUR, "prediction (all classes)"))
+    return handles
 
 
 def middle_slice(volume: np.ndarray, label: np.ndarray | None = None, axis: int = 0) -> int:
@@ -207,11 +228,12 @@ def middle_slice(volume: np.ndarray, label: np.ndarray | None = None, axis: int 
 def _is_housekeeping(name: str) -> bool:
     """Learning rate, timings and throughput: logged per epoch, but on another scale than metrics."""
     name = name.lower()
-    return name == "lr" or name.endswith("_lr") or "second" in name
+    return name.endswith("lr") or "second" in name or name.startswith("time/")
 
 
-def learning_curves(history: Mapping[str, Sequence[float]], out: Path) -> Path:
-    """Plot per-epoch training history: losses on the left panel, quality metrics on the right.
+def learning_curves(history: Mapping[str, Sequence[float]], out: Path, best_epoch: int | None = None) -> Path:
+    """Plot per-epoch training history: losses (lower is better) on the left, scores (higher is better) on the
+    right, integer epochs, and the best epoch marked on both.
 
     Args:
         history: name -> one value per epoch (x = 1, 2, ...). Keys containing ``"loss"`` go to the
@@ -222,6 +244,7 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path) -> Path:
             exact when k divides the number of epochs; pad with NaN (NaN points are skipped) to
             place values exactly.
         out: PNG path, written atomically.
+        best_epoch: drawn as a dashed vertical line (the epoch whose checkpoint is the model).
 
     Returns:
         ``out``.
@@ -234,7 +257,8 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path) -> Path:
     }
     longest = max((len(v) for v in series.values()), default=0)
     fig = Figure(figsize=(10, 3.8))
-    for col, (title, pick) in enumerate((("losses", True), ("metrics", False))):
+    panels = (("losses (lower is better)", True), ("scores (higher is better)", False))
+    for col, (title, pick) in enumerate(panels):
         ax = fig.add_subplot(1, 2, col + 1)
         chosen = {k: v for k, v in series.items() if ("loss" in k.lower()) == pick}
         for name, values in chosen.items():
@@ -244,12 +268,16 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path) -> Path:
                 x = np.round(np.arange(1, len(values) + 1) * longest / len(values))
             keep = np.isfinite(values)
             ax.plot(x[keep], values[keep], marker="o" if keep.sum() < 30 else None, markersize=3, label=name)
+        if best_epoch is not None:
+            ax.axvline(best_epoch, color=_BEST_COLOUR, linestyle="--", linewidth=1.5,
+                       label=f"best epoch ({best_epoch})")
         if chosen:
             ax.legend(fontsize=8)
         else:
             ax.text(0.5, 0.5, f"no {title}", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _write_figure(fig, out)

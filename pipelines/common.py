@@ -243,13 +243,24 @@ def instances_metadata(cfg: ExperimentConfig, thresholds: dict[str, float] | Non
     }
 
 
-def dataset_fingerprint(dataset: DatasetInfo) -> str:
-    """A short hash of the case files' names, sizes and modification times (cheap, no reading)."""
-    h = hashlib.sha1()
+def dataset_digest(dataset: DatasetInfo) -> str:
+    """SHA-256 (first 16 hex digits) of the dataset's contents: every case file's path relative to the dataset
+    root and its bytes, in case order. Renaming, editing or adding a file changes it; copying the dataset
+    elsewhere or touching its files does not. Reads every file once (about 1 s per GB)."""
+    root = Path(dataset.root).resolve() if getattr(dataset, "root", None) else None
+    h = hashlib.sha256()
     for case in dataset.cases:
-        for p in [*case.images, *( [case.label] if case.label else [])]:
-            st = Path(p).stat()
-            h.update(f"{Path(p).name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:12]
+        for p in [*case.images, *([case.label] if case.label else [])]:
+            top = Path(p).resolve()
+            for path in sorted(top.rglob("*")) if top.is_dir() else [top]:  # a DICOM series is a folder
+                if path.is_dir():
+                    continue
+                name = path.relative_to(root) if root is not None and path.is_relative_to(root) else path.name
+                h.update(f"{name}\0".encode())
+                with open(path, "rb") as stream:
+                    for block in iter(lambda: stream.read(1 << 20), b""):  # noqa: B023 (used at once)
+                        h.update(block)
+                h.update(b"\0")
+    return h.hexdigest()[:16]
 
 

@@ -180,9 +180,9 @@ def run_cv_cli(args: argparse.Namespace) -> int:
         parent = json.loads(record.read_text())
         tracker = Tracker(args.tracking_uri or parent["uri"], parent["experiment"], run_id=parent["run_id"])
         tracker.start()
-        tracker.log_metrics({f"cv_{k}": v for k, v in summary["mean_over_cases"].items()}, step=0)
+        tracker.log_metrics({f"cv/{k}": v for k, v in summary["mean_over_cases"].items()}, step=0)
         for name, metrics in summary["folds"].items():
-            tracker.log_metrics({f"fold_{k}": v for k, v in metrics.items()}, step=int(name[5:]))
+            tracker.log_metrics({f"fold/{k}": v for k, v in metrics.items()}, step=int(name[5:]))
         tracker.log_artifact(cv_dir / "cv_summary.json")
         tracker.end("FINISHED")
         print(f"logged to the cross-validation parent run {parent['run_id']}")

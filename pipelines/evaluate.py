@@ -190,12 +190,15 @@ def run_evaluate_cli(args: argparse.Namespace) -> int:
         from medseg.tracking import Tracker, flatten
 
         experiment = "medseg-evaluate"
-        with Tracker(args.tracking_uri, experiment, run_name="evaluate", run_id=args.run_id, fallback_dir=out) as t:
-            metrics = {f"eval_{k}": float(v) for k, v in flatten(
-                {"per_class": summary["per_class"], "overall": summary["overall"],
-                 "instances": summary.get("instances", {}),
-                 "instance_totals": summary.get("instance_totals", {})}).items()}
-            t.log_metrics({k.replace(".", "_"): v for k, v in metrics.items() if np.isfinite(v)}, step=0)
+        # --run-id adds to that run (a training's) without touching its status or its start and end times
+        with Tracker(args.tracking_uri, experiment, run_name="evaluate", run_id=args.run_id, fallback_dir=out,
+                     annotate=args.run_id is not None) as t:
+            # grouped names, as in training: eval/<class>/dice, eval/overall/pixel_accuracy, eval/instances/ap_50
+            flat = flatten({**summary["per_class"], "overall": summary["overall"],
+                            "instances": summary.get("instances", {}),
+                            "instance_totals": summary.get("instance_totals", {})})
+            metrics = {"eval/" + k.replace(".", "/"): float(v) for k, v in flat.items()}
+            t.log_metrics({k: v for k, v in metrics.items() if np.isfinite(v)}, step=0)
             t.log_artifact(out / "summary.json", "evaluation")
             t.log_artifact(out / "metrics.csv", "evaluation")
             print(f"logged to MLflow run {t.run_id}")

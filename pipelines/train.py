@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from medseg.config import ExperimentConfig, config_to_dict, dump_config, load_config
+from medseg.config import ExperimentConfig, config_to_dict, load_config
 from medseg.data.datalist import DatasetInfo, to_datalist
 from medseg.data.loaders import make_dataset, make_eval_loader, make_train_loader, seed_epoch
 from medseg.engine import distributed as dist
@@ -38,9 +38,8 @@ from medseg.instances.loss import InstanceLoss
 from medseg.losses import DiceWeightedCELoss, deep_supervision_weights
 from medseg.metrics import dice_per_class
 from medseg.nets import build_network
-from medseg.tracking import Tracker, environment_tags
+from medseg.tracking import Tracker
 from pipelines.common import (
-    dataset_fingerprint,
     ensure_writable,
     expected_channels,
     load_experiment,
@@ -50,9 +49,9 @@ from pipelines.common import (
     training_transform,
     validation_transform,
 )
-from pipelines.cv import fold_dir, fold_tags, parent_run, split_for
+from pipelines.cv import fold_dir, split_for
 from pipelines.progress import Progress, StopFlag
-from pipelines.train_report import log_epoch, log_run_artifacts
+from pipelines.train_report import log_epoch, log_run_artifacts, start_tracking
 from pipelines.tune_instances import tune_instances
 
 log = logging.getLogger("medseg.train")
@@ -103,6 +102,21 @@ def _resume_path(resume: str | None, output_dir: Path) -> Path | None:
     return path
 
 
+def _fresh_folder(folder: Path) -> Path:
+    """``folder``, or ``folder-2``, ``folder-3``... when it already holds a training (checkpoints or config)."""
+    def used(path: Path) -> bool:
+        return (path / "config.yaml").exists() or any((path / "checkpoints").glob("*.pt"))
+
+    candidate, n = folder, 1
+    while used(candidate):
+        n += 1
+        candidate = folder.with_name(f"{folder.name}-{n}")
+    if candidate != folder:
+        log.warning("%s holds an earlier training; this one goes to %s (continue the earlier one with --resume auto)",
+                    folder, candidate)
+    return candidate
+
+
 def _iterations_per_epoch(cfg: ExperimentConfig, n_train: int) -> int:
     return cfg.train.iterations_per_epoch or max(1, math.ceil(n_train / cfg.train.batch_size))
 
@@ -146,23 +160,29 @@ class _State:
     best_epoch: int | None = None
     best_foreground: float | None = None
     run_id: str | None = None
+    dataset_digest: str | None = None  # content digest, computed once per run
     history: dict[str, list[float]] = field(default_factory=dict)
     finished_epochs: int | None = None  # train.epochs of a run that ended (all epochs or early stopping)
     interrupted: str | None = None  # the signal's name
     since_best: int = 0
     examples: list = field(default_factory=list)  # validation (image, reference, prediction) for the montage
     per_case: list = field(default_factory=list)  # validation rows of the last validation
+    best_metrics: dict[str, float] = field(default_factory=dict)  # best/epoch, best/dice_<class>, ...
+    best_per_case: list = field(default_factory=list)  # validation rows of the best epoch
+    best_examples: list = field(default_factory=list)  # its montage examples (not in checkpoints)
 
 
 def train(cfg: ExperimentConfig, output_dir: Path | None = None, resume: str | None = None) -> TrainResult:
     """Train from a validated config. Returns where the run is and how it went."""
     dist_info = dist.init_distributed(cfg.train.device, timeout_s=cfg.train.ddp_timeout)
     try:
-        output_dir = Path(output_dir or cfg.output_dir)
+        folder = Path(output_dir or cfg.output_dir)
         if cfg.data.fold is not None:  # each fold its own run folder; the folder above gathers them (medseg cv)
-            output_dir = fold_dir(output_dir, cfg.data.fold)
+            folder = fold_dir(folder, cfg.data.fold)
         with dist.collective_errors(dist_info, "train.ddp_timeout"):
-            return _train(cfg, output_dir, resume, dist_info)
+            if resume is None:  # a new training never writes into an earlier one's folder
+                folder = dist.broadcast_object(_fresh_folder(folder), dist_info)
+            return _train(cfg, folder, resume, dist_info)
     finally:
         dist.cleanup_distributed()
 
@@ -182,7 +202,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
         log.info("%s already finished (%d epochs): nothing to do", output_dir, state.epoch)
         return _result(output_dir, state)
     metadata = model_metadata(cfg, data.in_channels)
-    tracker = _start_tracking(cfg, output_dir, data.dataset, state, dist_info, fresh=resume_from is None)
+    tracker, version_tags = start_tracking(cfg, output_dir, data.dataset, state, dist_info,
+                                           fresh=resume_from is None)
     checkpoints = _Checkpoints(output_dir / "checkpoints", parts, cfg, metadata)
     _run_epochs(cfg, data, parts, state, checkpoints, tracker, dist_info)
     if dist_info.is_main:
@@ -191,8 +212,8 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
             if parts.representation is not None and data.val_loader is not None:  # thresholds for --instances
                 metadata["instances"] = tune_instances(cfg, parts.representation, parts.model, _predictor(
                     cfg, data, parts, dist_info), data.val_loader, tracker, output_dir / "checkpoints", state.epoch)
-        log_run_artifacts(output_dir, tracker, parts.model, metadata, state.history, state.per_case, state.examples,
-                          cfg.tracking.registered_model_name, state.interrupted)
+        log_run_artifacts(output_dir, tracker, parts.model, metadata, state, cfg.tracking.registered_model_name,
+                          version_tags)
     dist.barrier(dist_info)
     return _result(output_dir, state)
 
@@ -324,7 +345,8 @@ def _resume(path: Path, parts: _Components, device: torch.device) -> _State:
         epoch=int(saved["epoch"]), step=int(saved["step"]), step_in_epoch=int(saved.get("step_in_epoch", 0)),
         best=saved.get("best_metric"), best_epoch=saved.get("best_epoch"),
         best_foreground=saved.get("best_foreground"), run_id=saved.get("mlflow_run_id"),
-        history=dict(saved.get("history", {})),
+        history=dict(saved.get("history", {})), best_metrics=dict(saved.get("best_metrics") or {}),
+        best_per_case=list(saved.get("best_per_case") or []), dataset_digest=saved.get("dataset_digest"),
         finished_epochs=saved["config"]["train"]["epochs"] if saved.get("finished") else None,
     )
     log.info("resumed from %s at epoch %d (+%d steps)", path, state.epoch, state.step_in_epoch)
@@ -335,37 +357,6 @@ def _nothing_left(state: _State, cfg: ExperimentConfig) -> bool:
     """All epochs done, or the run stopped early with the same ``train.epochs`` (a longer run may continue)."""
     done = state.epoch >= cfg.train.epochs or state.finished_epochs == cfg.train.epochs
     return done and state.step_in_epoch == 0
-
-
-def _start_tracking(cfg: ExperimentConfig, output_dir: Path, dataset: DatasetInfo, state: _State,
-                    dist_info: dist.DistInfo, fresh: bool) -> Tracker:
-    """Rank 0 writes the resolved config and starts (or resumes) the MLflow run; every rank learns its id."""
-    fold = cfg.data.fold
-    parent = parent_run(cfg, output_dir.parent) if fold is not None and fresh and dist_info.is_main else None
-    tracker = Tracker(
-        cfg.tracking.uri,
-        cfg.tracking.experiment or cfg.experiment.name,
-        run_name=cfg.experiment.run_name if fold is None else f"{cfg.experiment.run_name or 'fold'} {fold}",
-        run_id=state.run_id,
-        fallback_dir=output_dir,
-        enabled=cfg.tracking.enabled and dist_info.is_main,
-    )
-    if dist_info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, output_dir / "config.yaml")
-        state.run_id = tracker.start()
-        if fresh:
-            tracker.log_params(config_to_dict(cfg))
-            tags = environment_tags()
-            tags.update({
-                "medseg.dataset_fingerprint": dataset_fingerprint(dataset), "medseg.device": str(dist_info.device),
-                "medseg.world_size": str(dist_info.world_size), "medseg.dataset": str(cfg.data.root),
-            })
-            if fold is not None:
-                tags.update(fold_tags(cfg, parent))
-            tracker.set_tags(tags)
-    state.run_id = dist.broadcast_object(state.run_id, dist_info)
-    return tracker
 
 
 class _Checkpoints:
@@ -383,6 +374,8 @@ class _Checkpoints:
             "best_metric": state.best, "best_epoch": state.best_epoch, "best_foreground": state.best_foreground,
             "rng": capture_rng_state(), "config": config_to_dict(self.cfg), "metadata": self.metadata,
             "mlflow_run_id": state.run_id, "history": state.history, "finished": finished,
+            "best_metrics": state.best_metrics, "best_per_case": state.best_per_case,
+            "dataset_digest": state.dataset_digest,
         })
 
 
@@ -449,24 +442,26 @@ def _train_epoch(epoch: int, cfg: ExperimentConfig, data: _Data, parts: _Compone
         state.step_in_epoch += outcome.iterations
         return None
     state.step_in_epoch = 0
-    metrics = {f"train_{k}": dist.all_reduce_mean(v, dist_info) for k, v in outcome.losses.items()}
+    # grouped names, so MLflow charts losses, scores and timings apart: train/loss, train/loss_dice, time/data_s
+    metrics = {("train/loss" if k == "loss" else f"train/loss_{k}"): dist.all_reduce_mean(v, dist_info)
+               for k, v in outcome.losses.items()}
     metrics.update({
-        "lr": parts.scheduler.lr, "epoch_seconds": time.perf_counter() - started,
-        "samples_per_second": outcome.samples_per_second * dist_info.world_size,
-        "data_seconds": outcome.data_seconds, "compute_seconds": outcome.compute_seconds,
+        "train/lr": parts.scheduler.lr, "time/epoch_s": time.perf_counter() - started,
+        "time/samples_per_s": outcome.samples_per_second * dist_info.world_size,
+        "time/data_s": outcome.data_seconds, "time/compute_s": outcome.compute_seconds,
     })
     return metrics
 
 
 def _validate(epoch: int, cfg: ExperimentConfig, data: _Data, predictor: SlidingWindowPredictor, state: _State,
               metrics: dict[str, float], dist_info: dist.DistInfo) -> float | None:
-    """Validate when due (rank 0), adding ``val_*`` to ``metrics``; every rank gets the mean Dice (or None)."""
+    """Validate when due (rank 0), adding ``val/*`` to ``metrics``; every rank gets the mean Dice (or None)."""
     val_metric = None
     due = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
     if data.val_loader is not None and due:
         validation, state.examples = evaluate(predictor, data.val_loader, data.class_names, dice_per_class, keep=6)
         state.per_case = validation.per_case
-        metrics.update({f"val_{k}": v for k, v in validation.mean.items()})
+        metrics.update({f"val/{k}": v for k, v in validation.mean.items()})
         val_metric = validation.mean.get("dice_mean")
     return dist.broadcast_object(val_metric, dist_info)
 
@@ -479,7 +474,11 @@ def _track_best(epoch: int, cfg: ExperimentConfig, state: _State, metrics: dict[
     )
     if improved:
         state.best, state.best_epoch, state.since_best = val_metric, epoch + 1, 0
-        state.best_foreground = metrics.get("val_dice_foreground")
+        state.best_foreground = metrics.get("val/dice_foreground")
+        # the figures of the checkpoint that is logged as the model, not of the last epoch
+        state.best_metrics = {"best/epoch": float(epoch + 1)}
+        state.best_metrics.update({f"best/{k[4:]}": v for k, v in metrics.items() if k.startswith("val/")})
+        state.best_per_case, state.best_examples = list(state.per_case), list(state.examples)
     elif val_metric is not None:
         state.since_best += 1
     for key, value in metrics.items():

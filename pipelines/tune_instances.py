@@ -43,8 +43,8 @@ def tune_instances(cfg: ExperimentConfig, rep: Representation, model: torch.nn.M
              rep.name, result.thresholds, result.ap50, result.score, result.default_score, len(cases))
     tracker.log_params({f"instances.thresholds.{n}": v for n, v in result.thresholds.items()})
     if cases:
-        tracker.log_metrics({"val_instance_ap50": result.ap50, "val_instance_map": result.score,
-                             "val_instance_map_default_thresholds": result.default_score}, step=step)
+        tracker.log_metrics({"val/instance_ap50": result.ap50, "val/instance_map": result.score,
+                             "val/instance_map_default_thresholds": result.default_score}, step=step)
     for name in ("best", "last"):
         path = ckpt_dir / f"{name}.pt"
         if path.is_file():

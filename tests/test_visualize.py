@@ -38,7 +38,7 @@ def test_montage_of_mixed_images_with_predictions(tmp_path):
         ncols=2,
     )
     picture = _read(out)
-    assert picture.shape[1] == pytest.approx(2 * 320, abs=10) and picture.shape[0] > 320
+    assert picture.shape[1] == pytest.approx(2 * 450, abs=10) and picture.shape[0] > 450  # 4.5-inch panels
     assert _has_colour(picture, MAGENTA)
     assert [p.name for p in tmp_path.iterdir()] == ["m.png"], "no temporary file may stay behind"
     assert plt.get_fignums() == []
@@ -50,6 +50,16 @@ def test_predictions_colour_appears_only_with_predictions(tmp_path):
     plain = _read(overlay_montage([image], [label], tmp_path / "a.png"))
     assert not _has_colour(plain, MAGENTA)
     assert _has_colour(plain, np.array([51, 255, 51]))  # class 1 reference contour
+
+
+def test_the_legend_names_every_class_with_its_colour(tmp_path):
+    image = np.zeros((48, 48), np.float32)
+    label = _disc((48, 48), (24, 24), 10)  # class 1 only
+    unnamed = _read(overlay_montage([image], [label], tmp_path / "a.png"))
+    named = _read(overlay_montage([image], [label], tmp_path / "b.png", class_names=["cell", "border"],
+                                  title="validation at the best epoch (3)"))
+    yellow = np.array([255, 229, 25])  # class 2's colour: only its legend entry can show it
+    assert not _has_colour(unnamed, yellow) and _has_colour(named, yellow)
 
 
 def test_instances_get_their_own_colours(tmp_path):
@@ -95,4 +105,11 @@ def test_learning_curves_write_two_panels(tmp_path):
     assert picture.shape == (380, 1000, 3) and picture.std() > 5
     only_losses = _read(learning_curves({"loss": [3, 2, 1]}, tmp_path / "lc2.png"))
     assert only_losses.shape == (380, 1000, 3)
+    grouped = {"train/loss": [1.0, 0.7, 0.5], "val/dice_cell": [0.3, 0.6, 0.5], "train/lr": [0.1, 0.1, 0.1],
+               "time/data_s": [3.0, 2.0, 2.0]}
+    plain = _read(learning_curves(grouped, tmp_path / "lc3.png"))
+    marked = _read(learning_curves(grouped, tmp_path / "lc4.png", best_epoch=2))
+    pink = np.array([230, 0, 126])  # the best-epoch line, in both panels
+    assert not _has_colour(plain, pink, tol=3)
+    assert _has_colour(marked[:, :500], pink, tol=3) and _has_colour(marked[:, 500:], pink, tol=3)
     assert plt.get_fignums() == []

@@ -2,7 +2,7 @@
 
 A :class:`Tracker` records one training, prediction or evaluation run: parameters (the flattened resolved
 config), tags (versions, git commit, dataset fingerprint, device), per-epoch metrics, artifact files and the
-model, logged with ``mlflow.pytorch.log_model`` together with the metadata prediction needs.
+model, logged as a pyfunc that runs medseg's whole inference (:mod:`.pyfunc`) with the metadata prediction needs.
 :func:`load_model` gives back ``(model, metadata)``.
 
 Where runs go (:mod:`.store`): the ``uri`` argument, else ``MLFLOW_TRACKING_URI``, else
@@ -28,7 +28,7 @@ Example:
     ...     tracker.log_params(resolved_config)
     ...     tracker.set_tags(environment_tags() | {"dataset.fingerprint": fingerprint, "device": "cuda:0"})
     ...     for epoch in range(epochs):
-    ...         tracker.log_metrics({"train.loss": loss, "val.dice": dice}, step=epoch)
+    ...         tracker.log_metrics({"train/loss": loss, "val/dice_mean": dice}, step=epoch)
     ...     model_uri = tracker.log_model(model, metadata={"classes": 2, "patch_size": [256, 256]})
     >>> model, metadata = load_model(model_uri)
 """

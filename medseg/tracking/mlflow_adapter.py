@@ -219,6 +219,25 @@ class Tracker:
 
         self._call("log_metrics", {"metrics": values, "step": int(step)}, call)
 
+    def log_dataset(self, name: str, source: Path, digest: str, context: str = "training",
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Record the dataset a run used (MLflow's *Datasets used*): its absolute ``source`` folder, a content
+        ``digest`` and a small ``profile`` (e.g. case counts); ``context`` is MLflow's ``mlflow.data.context``."""
+        if not self._active():
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        source_uri = Path(source).resolve().as_uri()
+        record = {"name": name, "source": source_uri, "digest": digest, "context": context,
+                  "profile": dict(profile or {})}
+
+        def call() -> None:
+            dataset = Dataset(name=name, digest=digest, source_type="local", source=json.dumps({"uri": source_uri}),
+                              profile=json.dumps(dict(profile or {})))
+            self._client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
+
+        self._call("log_dataset", record, call)
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         """Upload a file, or a folder's contents, under ``artifact_path`` (``None``: the run's root)."""
         if not self._active():

@@ -39,7 +39,7 @@ def test_two_folds_then_cv(medseg, tmp_path):
     parent_id = json.loads((run / "cv_parent.json").read_text())["run_id"]
     client = MlflowClient(tracking_uri=uri)
     parent = client.get_run(parent_id)
-    assert any(k.startswith("cv_dice") for k in parent.data.metrics)
+    assert any(k.startswith("cv/dice") for k in parent.data.metrics)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert sorted(r.data.tags["medseg.fold"] for r in children) == ["0", "1"]
 

@@ -98,8 +98,8 @@ def test_merges_and_splits_per_case_in_total_and_in_mlflow(tmp_path, dims):
 
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("medseg-evaluate").experiment_id])
-    assert run.data.metrics["eval_instance_totals_merges"] == 2
-    assert run.data.metrics["eval_instance_totals_splits"] == 1
+    assert run.data.metrics["eval/instance_totals/merges"] == 2
+    assert run.data.metrics["eval/instance_totals/splits"] == 1
 
 
 def _write_any(folder, name, array, ext):

@@ -91,7 +91,7 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         run = client.search_runs([client.get_experiment_by_name("inst_distance2d").experiment_id])[0]
         assert float(run.data.params["instances.thresholds.marker"]) == inst_meta["thresholds"]["marker"]
-        assert "val_instance_map" in run.data.metrics
+        assert "val/instance_map" in run.data.metrics
     assert set(inst_meta["thresholds"]) == {"border": {"foreground"}, "distance": {"foreground", "marker"},
                                              "flows": {"foreground", "slope", "marker_size"}}[target]
     if target == "distance":  # tuned again on the trained weights (after a post-processing change)

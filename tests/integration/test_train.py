@@ -1,7 +1,9 @@
 """`medseg train` end to end through the real CLI: tiny 2D and 3D runs, MLflow (sqlite and a real server),
 SIGKILL/SIGTERM then resume, and a 2-process torchrun run."""
 
+import csv
 import os
+import re
 import shutil
 import signal
 import socket
@@ -10,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -76,11 +79,24 @@ def _assert_complete_run(uri: str, experiment: str, epochs: int):
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == str(epochs)
     assert run.data.params["model.name"] == "unet"
-    for tag in ("medseg.version", "torch.version", "monai.version", "medseg.dataset_fingerprint", "medseg.device"):
+    for tag in ("medseg.version", "torch.version", "monai.version", "medseg.dataset_digest", "medseg.device"):
         assert tag in run.data.tags, tag
-    for metric in ("train_loss", "train_dice", "train_ce", "val_dice_mean", "lr", "samples_per_second"):
+    assert re.fullmatch(rf"{experiment}-unet-\d{{8}}-\d{{6}}", run.info.run_name), run.info.run_name
+    for metric in ("train/loss", "train/loss_dice", "train/loss_ce", "val/dice_mean", "val/dice_cell", "train/lr",
+                   "time/samples_per_s", "time/data_s"):
         history = client.get_metric_history(run.info.run_id, metric)
         assert len(history) == epochs, metric
+    # best/*: the epoch whose checkpoint is the model, and its scores
+    scores = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/dice_mean"),
+                                      key=lambda m: m.step)]
+    assert run.data.metrics["best/dice_mean"] == pytest.approx(max(scores))
+    assert run.data.metrics["best/epoch"] == scores.index(max(scores)) + 1
+    # the dataset, with its absolute source and a content digest
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == run.data.tags["medseg.dataset_digest"]
+    assert len(dataset_input.dataset.digest) == 16
+    assert Path(run.data.tags["medseg.dataset"]).is_absolute()
+    assert Path(run.data.tags["medseg.dataset"]).resolve().as_uri() in dataset_input.dataset.source
     files = _artifacts(client, run.info.run_id)
     for name in ("config.yaml", "learning_curves.png", "validation_cases.csv", "validation_overlay.png"):
         assert name in files, (name, files)
@@ -95,10 +111,36 @@ def _assert_complete_run(uri: str, experiment: str, epochs: int):
 
 def test_tiny_2d_run_is_tracked_in_sqlite(cells, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = tiny_config(tmp_path, cells)
-    res = run_medseg("train", cfg, "--tracking-uri", uri)
+    cfg = tiny_config(tmp_path, cells, epochs=3)
+    res = run_medseg("train", cfg, "--tracking-uri", uri, "--set", "tracking.registered_model_name=tiny-cells",
+                     env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})
     assert "best validation foreground Dice" in res.stdout
-    run = _assert_complete_run(uri, "tiny2d", epochs=2)
+    run = _assert_complete_run(uri, "tiny2d", epochs=3)
+    client = MlflowClient(uri)
+    assert any(key.startswith("system/cpu") for key in run.data.metrics), sorted(run.data.metrics)
+    # the validation CSV is the best checkpoint's: its mean is best/dice_mean
+    csv_file = client.download_artifacts(run.info.run_id, "validation_cases.csv", str(tmp_path))
+    with open(csv_file, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert np.nanmean([float(r["dice_mean"]) for r in rows]) == pytest.approx(run.data.metrics["best/dice_mean"])
+    # the logged model carries the best/* metrics; the registered version says what it is
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert {m.key: m.value for m in logged.metrics}["best/dice_mean"] == run.data.metrics["best/dice_mean"]
+    version = client.get_model_version("tiny-cells", "1")
+    assert "best validation Dice" in version.description and run.info.run_id in version.description
+    assert version.tags["dataset.digest"] == run.data.tags["medseg.dataset_digest"]
+    assert float(version.tags["val_dice_mean"]) == pytest.approx(run.data.metrics["best/dice_mean"], abs=1e-4)
+    assert "git.commit" in version.tags
+
+    # evaluate --run-id adds eval/* metrics and leaves the training's status and times alone
+    run_medseg("predict", "--model", tmp_path / "run", "--input", cells / "imagesTs", "--output", tmp_path / "pred",
+               "--instances")
+    run_medseg("evaluate", "--pred", tmp_path / "pred", "--ref", cells / "labelsTs", "--run-id", run.info.run_id,
+               "--tracking-uri", uri, "--instances")
+    after = client.get_run(run.info.run_id)
+    assert (after.info.start_time, after.info.end_time, after.info.status) == (
+        run.info.start_time, run.info.end_time, "FINISHED")
+    assert "eval/foreground/dice" in after.data.metrics and "eval/instances/ap_50" in after.data.metrics
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["classes"] == {"background": 0, "cell": 1, "border": 2}
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["mlflow_run_id"] == run.info.run_id
@@ -113,6 +155,10 @@ def test_tiny_3d_run_without_tracking(lesions, tmp_path):
     again = run_medseg("train", cfg, "--no-tracking", "--resume", "auto")  # idempotent: nothing left to do
     assert "nothing to do" in again.stderr
     assert _same_weights(_weights(tmp_path / "run" / "checkpoints" / "last.pt"), state["model"])
+    fresh = run_medseg("train", cfg, "--no-tracking")  # a new training: its own folder, the first one kept
+    assert "run-2" in fresh.stdout
+    assert _same_weights(_weights(tmp_path / "run" / "checkpoints" / "last.pt"), state["model"])
+    assert (tmp_path / "run-2" / "checkpoints" / "last.pt").is_file()
 
 
 def _free_port() -> int:
