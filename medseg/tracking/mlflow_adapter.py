@@ -327,7 +327,9 @@ class Tracker:
             return
         self._ended = True
         if self._monitor is not None:
-            with contextlib.suppress(Exception):  # its last flush may fail with the store: never fatal
+            # its last flush may fail with the store (e.g. a locked sqlite file): never fatal, and not the
+            # database layer's traceback: what was lost is system metrics only
+            with contextlib.suppress(Exception), quiet("mlflow.store.db.utils", 100), quiet("mlflow.system_metrics"):
                 self._monitor.finish()
             self._monitor = None
         if self.annotate:  # evaluate --run-id: the training's status and times stay as they were
