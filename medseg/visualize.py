@@ -249,6 +249,11 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path, best_epoc
     Returns:
         ``out``.
     """
+    return _write_figure(learning_curves_figure(history, best_epoch), out)
+
+
+def learning_curves_figure(history: Mapping[str, Sequence[float]], best_epoch: int | None = None) -> Figure:
+    """The figure :func:`learning_curves` writes (two axes: losses, scores)."""
     epochs = history.get("epoch")
     series = {
         k: np.asarray(v, dtype=np.float64)
@@ -280,4 +285,4 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path, best_epoc
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _write_figure(fig, out)
+    return fig

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.visualize import learning_curves, middle_slice, overlay_montage
+from medseg.visualize import learning_curves, learning_curves_figure, middle_slice, overlay_montage
 
 MAGENTA = np.array([255, 25, 229])
 
@@ -113,3 +113,17 @@ def test_learning_curves_write_two_panels(tmp_path):
     assert not _has_colour(plain, pink, tol=3)
     assert _has_colour(marked[:, :500], pink, tol=3) and _has_colour(marked[:, 500:], pink, tol=3)
     assert plt.get_fignums() == []
+
+
+def test_learning_curves_keep_losses_and_scores_apart_on_integer_epochs():
+    history = {"train/loss": [1.0, 0.7, 0.5], "train/loss_dice": [0.6, 0.4, 0.3], "val/dice_cell": [0.3, 0.6, 0.5],
+               "train/lr": [0.1, 0.1, 0.1], "time/data_s": [3.0, 2.0, 2.0]}
+    fig = learning_curves_figure(history, best_epoch=2)
+    losses, scores = fig.axes
+    named = [{line.get_label() for line in ax.get_lines()} for ax in (losses, scores)]
+    assert named[0] == {"train/loss", "train/loss_dice", "best epoch (2)"}
+    assert named[1] == {"val/dice_cell", "best epoch (2)"}
+    for ax in (losses, scores):
+        low, high = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if low <= t <= high]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
