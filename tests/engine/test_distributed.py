@@ -109,7 +109,7 @@ def test_two_processes_under_torchrun_agree(tmp_path):
         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
         __file__, str(tmp_path),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True,
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -67,7 +67,8 @@ def _start(trained, tmp_path) -> tuple[subprocess.Popen, dict[int, int]]:
     cfg = tiny_config(tmp_path, trained["data"], epochs=200, ddp_timeout=5)
     proc = subprocess.Popen(
         [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_free_port()), MEDSEG, "train", str(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8", errors="replace",
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():

@@ -76,8 +76,8 @@ def test_checkpoint_save_hits_a_file_size_limit(trained, tmp_path):
     raw["train"]["epochs"] = 3
     cfg.write_text(yaml.safe_dump(raw))
     limit = len(before) // 2  # config and logs fit, a checkpoint does not
-    res = subprocess.run([MEDSEG, "train", str(cfg), "--resume", "auto"], capture_output=True, text=True,
-                         preexec_fn=_limit_file_size(limit), timeout=600)
+    res = subprocess.run([MEDSEG, "train", str(cfg), "--resume", "auto"], capture_output=True,
+                         encoding="utf-8", errors="replace", preexec_fn=_limit_file_size(limit), timeout=600)
     text = assert_clean_failure(res, 2, str(tmp_path / "run" / "checkpoints"), "File too large",
                                 "previous checkpoint")
     assert "enforce fail" not in text
@@ -103,13 +103,13 @@ def test_sqlite_store_locked_mid_run(trained, tmp_path):
     raw["tracking"] = {"enabled": True, "uri": f"sqlite:///{db}"}
     cfg.write_text(yaml.safe_dump(raw))
     train = subprocess.Popen([MEDSEG, "train", str(cfg)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             encoding="utf-8", errors="replace")
     deadline = time.time() + 300
     while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # the run is tracked and training
         assert train.poll() is None and time.time() < deadline
         time.sleep(0.05)
     locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(db)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, encoding="utf-8", errors="replace")
     assert locker.stdout.readline().strip() == "locked"
     locked_at = time.time()
     try:

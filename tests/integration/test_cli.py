@@ -94,7 +94,7 @@ def test_python_m_pipelines_is_the_cli_and_runs_once(tmp_path):
     """`python -m pipelines` (also what `torchrun -m pipelines` starts) runs the command exactly once."""
     config = Path(__file__).resolve().parents[2] / "configs" / "demo_cells.yaml"
     res = subprocess.run([sys.executable, "-m", "pipelines", "config", str(config)],
-                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+                         capture_output=True, encoding="utf-8", errors="replace", cwd=tmp_path, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("\nmodel:") == 1, res.stdout
 
