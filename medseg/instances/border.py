@@ -20,7 +20,7 @@ class Border(Representation):
     name = "border"
     semantic = ("cell_border",)
     thresholds = {"foreground": 0.5}
-    grid = {"foreground": (0.3, 0.4, 0.5, 0.6, 0.7)}
+    grid = {"foreground": (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)}
 
     def postprocess(
         self, probs: np.ndarray, regression: np.ndarray | None = None, min_size: int = 8, **thresholds: float

@@ -48,7 +48,7 @@ class Distance(Representation):
 
     name = "distance"
     thresholds = {"foreground": 0.5, "marker": 0.5}
-    grid = {"foreground": (0.4, 0.5, 0.6), "marker": (0.3, 0.4, 0.5, 0.6, 0.7)}
+    grid = {"foreground": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "marker": (0.3, 0.4, 0.5, 0.6, 0.7)}
 
     def vector_axes(self, spatial_dims: int) -> list[int | None]:
         return [None]

@@ -89,7 +89,7 @@ class Flows(Representation):
 
     name = "flows"
     thresholds = {"foreground": 0.5, "slope": -0.1, "marker_size": 2.0}
-    grid = {"foreground": (0.4, 0.5, 0.6), "slope": (-0.3, -0.2, -0.1, 0.0, 0.1),
+    grid = {"foreground": (0.4, 0.5, 0.6, 0.7, 0.8, 0.9), "slope": (-0.3, -0.2, -0.1, 0.0, 0.1),
             "marker_size": (0.0, 1.0, 2.0, 4.0, 8.0)}
     uses_gradient = True
 
