@@ -166,7 +166,8 @@ def schedule(hours: float | None, step_seconds: float, draft: _Draft) -> None:
     draft.set("train.epochs", epochs, f"{hours:g} h x 90 % / measured {step_seconds:.3f} s per step = {iterations} "
                                       "steps")
     draft.set("train.iterations_per_epoch", per_epoch, f"{iterations} steps in {epochs} epochs")
-    draft.set("train.val_every", max(1, epochs // 20), "about 20 validations over the run")
+    val_every = max(1, epochs // 20)
+    draft.set("train.val_every", val_every, f"{epochs // val_every} validations over the run (at most about 20)")
 
 
 def _augmentation(fp: Fingerprint) -> tuple[str, str]:
