@@ -143,8 +143,9 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
                    help="autocast precision; auto: bf16 where the hardware has it (CPUs with AVX512-BF16 or AMX, "
                         "Ampere+ GPUs), fp16 on older GPUs, else fp32 (default: the model's inference.precision)")
     p.add_argument("--compression-level", type=int, default=None, metavar="0-9",
-                   help="zlib level of the written maps (.nii.gz, compressed .mha/.nrrd, .tif, .png): 0 stores "
-                        "(fastest), 9 is smallest (default: the format's, .nii.gz 1)")
+                   help="zlib level of the written maps (.nii.gz, compressed .mha/.nrrd, .tif, .png) and "
+                        "probabilities (.npz): 0 stores (fastest), 9 is smallest (default: the format's, .nii.gz 1, "
+                        ".npz 6)")
     p.add_argument("--save-probabilities", action="store_true", help="also write float16 class probabilities")
     p.add_argument("--instances", action="store_true",
                    help="also write instance maps (<case>_instances), split by the model's instance representation "

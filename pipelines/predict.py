@@ -16,7 +16,8 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import zipfile
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ def output_path(scan: Path, out_dir: Path, suffix: str = "") -> Path:
 
 
 Predictor = CasePredictor  # the per-case engine lives in medseg.predictor (shared with the MLflow pyfunc)
+# Results computed but not yet written: where writing is slower than computing (e.g. with probabilities) the
+# computing waits instead of piling up whole-volume results in memory.
+MAX_PENDING_WRITES = 2
 
 
 def predict_batch(
@@ -136,7 +140,8 @@ def predict_batch(
     NaN/Inf voxels fails unless ``nonfinite="replace"`` (then its record carries a warning); one with a
     degenerate affine or the wrong channel count fails when loaded, before any compute.
     ``overrides``: ``KEY=VALUE`` post-processing settings (see :class:`medseg.predictor.CasePredictor`).
-    ``compression_level``: zlib level 0-9 of the written label and instance maps (None: the format's default).
+    ``compression_level``: zlib level 0-9 of the written label and instance maps and probabilities (None: the
+    format's default). At most ``MAX_PENDING_WRITES`` computed cases wait for the writer.
     """
     engine = CasePredictor(model, meta, device=device, tta=tta, overlap=overlap, sw_batch_size=sw_batch_size,
                            instances=instances, probabilities=probabilities, nonfinite=nonfinite,
@@ -170,6 +175,9 @@ def predict_batch(
                     est = engine.window.estimate_memory(list(data["image"].shape))
                     log.info("memory estimate for %s: %.1f MiB", rec.case, est.get("total", 0) / 2**20)
                 result = engine.compute(data)
+                unfinished = [f for _, f in pending if not f.done()]
+                if len(unfinished) >= MAX_PENDING_WRITES:
+                    wait(unfinished[:1])  # the oldest; its outcome is read below
                 pending.append((rec, writer.submit(_write, rec, result, out_dir, compression_level)))
             except Exception as err:  # one bad scan must not stop the batch
                 rec.status, rec.error = "failed", _reason(err)
@@ -203,10 +211,18 @@ def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path, level: int | 
         arrays = {"probabilities": result["probabilities"]}
         if "regression" in result:  # an instance representation's distance or flow maps
             arrays["regression"] = result["regression"]
-        np.savez_compressed(buffer, **arrays)
+        savez_compressed(buffer, arrays, level)
         _atomic_bytes(out_dir / f"{rec.case}_probabilities.npz", buffer.getvalue())
     # written last: its presence means "done"
     write_image(result["labels"], Path(rec.output), meta=meta, compression_level=level)
+
+
+def savez_compressed(file, arrays: dict[str, np.ndarray], level: int | None = None) -> None:
+    """``np.savez_compressed`` at zlib ``level`` 0-9 (None: zlib's default, 6, as numpy's); ``np.load`` reads it."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED, compresslevel=level) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _atomic_bytes(target: Path, data: bytes) -> None:
