@@ -5,18 +5,20 @@
     python benchmarks/predict.py --device cuda --parts a c
 
 (a) One medseg 3D UNet (``features 8, depth 3``, 2 classes) is first trained by our loop (Dice + CE, Adam,
-    bf16 autocast where the CPU has it) on 48^3 crops of a synthetic 192^3 lesion volume
+    bf16 autocast where the CPU has it) on 48^3 crops of a synthetic 208^3 lesion volume
     (:func:`medseg.data.synth.make_lesions`, 1 mm), checking every ``check_every`` steps the Dice of its
     prediction of that volume and stopping once it is > 0.8 (the best weights are kept): the point is a
     network that predicts the lesions, so that "the two label maps agree" means something, not
-    generalisation. The volume is then predicted (patch 64^3, overlap 0.25, 64 windows) by:
+    generalisation. The volume is then predicted (patch 64^3, overlap 0.25, 64 windows: the same windows for
+    ours and MONAI, see ``OVERLAP``) by:
 
     * ours: :meth:`SlidingWindowPredictor.predict_labels` with its defaults (4 windows per call, Gaussian,
       inference mode, ``amp="auto"``: bf16 where the hardware has it) and, for the bf16 decision, in fp32;
     * MONAI ``sliding_window_inference`` at its defaults (``sw_batch_size=1``, constant blending,
       ``torch.no_grad()``, fp32) and at its best settings (``sw_batch_size=4``, Gaussian,
       ``torch.inference_mode()``, fp32: what its API offers), then with the bf16 autocast a MONAI user can
-      wrap around it (the same precision trick, so the ratio that isolates the rest of the path);
+      wrap around it (the same precision trick, so the ratio that isolates the rest of the path); MONAI
+      runs the network followed by a softmax, so that both blend probabilities;
     * with ``--channels-last``: both again with channels_last_3d windows.
 
     They alternate (``--repeats`` each, after a warm-up run each on the whole volume); medians, ratios, Dice
@@ -28,12 +30,14 @@
     and the volume created, against the volume's float32 size (overlap 0). With
     ``--compare-probabilities``, the same through ``__call__`` + ``argmax`` in a second fresh process.
 (c) ``--cases`` (32) gzip NIfTI lesion volumes of 256x256x128 (4 rendered, the rest byte copies) predicted
-    into a folder with a small UNet (``features 4, depth 1``), so that reading, decompressing and writing
-    are a real share: :func:`pipelines.predict.predict_batch` (reads the next scan and writes the last in
-    threads while computing) against the naive loop over the same :class:`medseg.predictor.CasePredictor`
-    (load -> compute -> write), in the order naive, batch, batch, naive. The naive loop's own load / compute
-    / write times bound what any overlap can gain: ``sum / max(compute, load + write)``. Then the write time
-    and size of one label map at compression levels 0, 1 (default), 6 and 9.
+    into a folder with a small UNet (``features 4, depth 1``) at overlap 0 (each voxel predicted once), so
+    that reading, decompressing and writing are a real share: :func:`pipelines.predict.predict_batch` (reads
+    the next scan and writes the last in threads while computing) against the naive loop over the same
+    :class:`medseg.predictor.CasePredictor` and writing function (load -> compute -> write), in the order
+    naive, batch, batch, naive; once writing the label maps only, once with ``--save-probabilities`` too
+    (float16 class probabilities, a compressed ``.npz``: the I/O-heavy way to predict). The naive loop's own
+    load / compute / write times bound what any overlap can gain: ``sum / max(compute, load + write)``. Then
+    the write time and size of one label map at compression levels 0, 1 (default), 6 and 9.
 
 Nothing is asserted; every figure is measured in this run. Use ``--threads 1`` on a shared machine.
 """
@@ -68,21 +72,26 @@ from medseg.data.synth import make_lesions
 from medseg.data.writers import write_image
 from medseg.engine.loop import StepSettings, resolve_amp, train_one_epoch
 from medseg.engine.optim import Scheduler
-from medseg.inference import SlidingWindowPredictor, _WindowLoader
+from medseg.inference import SlidingWindowPredictor, _WindowLoader, gaussian_importance_map
 from medseg.losses import DiceWeightedCELoss
 from medseg.nets import build_network
 from medseg.precision import detect, resolve_precision
 from medseg.predictor import CasePredictor
-from pipelines.predict import output_path, predict_batch
+from pipelines.predict import CaseRecord, _write, output_path, predict_batch
 
 NUM_CLASSES = 2
 SIZES = {
-    "full": dict(net={"features": 8, "depth": 3}, patch=64, volume=192, train_patch=48, check_every=50,
+    "full": dict(net={"features": 8, "depth": 3}, patch=64, volume=208, train_patch=48, check_every=50,
                  memory=(512, 512, 256), cases=32, case=(256, 256, 128), folder_net={"features": 4, "depth": 1}),
-    "quick": dict(net={"features": 4, "depth": 2}, patch=24, volume=48, train_patch=24, check_every=10,
+    "quick": dict(net={"features": 4, "depth": 2}, patch=24, volume=60, train_patch=24, check_every=10,
                   memory=(96, 96, 48), cases=4, case=(32, 32, 24), folder_net={"features": 4, "depth": 1}),
 }
 OVERLAP = 0.25  # MONAI's default, used by both in (a)
+# (a)'s volumes are sized so that both place the same windows: (volume - patch) a multiple of MONAI's step
+# patch x (1 - overlap) (208 = 64 + 3 x 48; quick 60 = 24 + 2 x 18). Elsewhere ours spreads the windows evenly
+# (nnU-Net) and MONAI steps by a fixed interval with the last window pushed back: different windows, and a
+# network's prediction depends on where its window starts, so the label maps would differ for that alone.
+FOLDER_OVERLAP = 0.0  # (c): every voxel predicted once, the least compute a sliding window can do
 
 
 def sync(device: torch.device) -> None:
@@ -175,10 +184,12 @@ def _amp(dtype: torch.dtype | None, device: torch.device):
 
 
 def _monai(model, volume, patch, sw_batch, mode, dtype, device, grad_mode):
-    """MONAI ``sliding_window_inference`` of ``1 C *S``; blended logits -> argmax labels."""
+    """MONAI ``sliding_window_inference`` of ``1 C *S`` over the network + softmax (the probabilities ours
+    blends too: blending logits instead differs where windows overlap); blended probabilities -> argmax."""
     with grad_mode(), _amp(dtype, device):
-        logits = sliding_window_inference(volume[None], patch, sw_batch, model, overlap=OVERLAP, mode=mode)
-    return logits[0].argmax(0).to(torch.uint8).cpu().numpy()
+        probs = sliding_window_inference(volume[None], patch, sw_batch, lambda x: model(x).softmax(1),
+                                         overlap=OVERLAP, mode=mode)
+    return probs[0].argmax(0).to(torch.uint8).cpu().numpy()
 
 
 def _network_seconds(model, tiles: list[torch.Tensor], dtype, device, memory_format=None) -> float:
@@ -249,9 +260,21 @@ def contenders(model, size, device, volume, channels_last: bool) -> list[Contend
     return found
 
 
+def same_windows(shape: tuple[int, ...], patch: tuple[int, ...]) -> tuple[int, bool]:
+    """Our windows and MONAI's for ``shape``: (our count, whether both place exactly the same ones)."""
+    ours = SlidingWindowPredictor(torch.nn.Identity(), patch, NUM_CLASSES, overlap=OVERLAP)._plan(
+        shape, torch.device("cpu")).windows
+    theirs = dense_patch_slices(shape, patch, _get_scan_interval(shape, patch, len(shape), (OVERLAP,) * len(shape)))
+    def starts(windows):
+        return sorted(tuple((s.start, s.stop) for s in w) for w in windows)
+
+    return len(ours), starts(ours) == starts(theirs)
+
+
 def part_a(model, size, device, repeats, image, label, read_seconds: float, channels_last: bool) -> None:
     model.eval().to(device)
     volume = torch.from_numpy(image)[None].to(device)  # 1 *S
+    count, same = same_windows(tuple(volume.shape[1:]), (size["patch"],) * 3)
     runs = contenders(model, size, device, volume, channels_last)
     # warm-up on the whole volume, once each: oneDNN builds its primitives per precision, layout and shape
     for c in runs:
@@ -267,7 +290,9 @@ def part_a(model, size, device, repeats, image, label, read_seconds: float, chan
     best, fp32 = by_name["MONAI best"], by_name.get("ours, fp32")
     t_best = statistics.median(best.seconds)
     print(f"\n## (a) {'x'.join(map(str, volume.shape[1:]))} volume, patch {size['patch']}^3, overlap {OVERLAP} "
-          f"(64 windows for both), median of {repeats} alternating runs after a warm-up")
+          f"({count} windows, {'the same windows for both' if same else 'NOT the same windows as MONAI'}; "
+          f"MONAI's network followed by softmax: both blend probabilities), median of {repeats} alternating "
+          f"runs after a warm-up")
     print("| predictor | seconds (median) | min | max | Dice vs reference | Dice vs MONAI best | MONAI best / this |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for c in runs:
@@ -280,12 +305,29 @@ def part_a(model, size, device, repeats, image, label, read_seconds: float, chan
     print(f"ours ({ours.name}) vs MONAI defaults: {statistics.median(defaults.seconds) / t_ours:.2f}x; "
           f"vs MONAI best settings: {t_best / t_ours:.2f}x (goal >= 1.5x); Dice between "
           f"the two label maps {dice(ours.labels, best.labels):.4f} (goal >= 0.995)")
+    identity_check(model, volume, size, device, ours, fp32 or ours)
     if fp32 is not None:
         same = dice(ours.labels, fp32.labels)
         print(f"bf16 decision: Dice between our bf16 and fp32 label maps {same:.4f}, voxels agreeing "
               f"{float((ours.labels == fp32.labels).mean()):.6f} -> inference.precision auto "
               f"{'may use bf16 (>= 0.995)' if same >= 0.995 else 'must stay fp32 (< 0.995)'}")
     attribute(runs, read_seconds)
+
+
+def identity_check(model, volume, size, device, ours: Contender, ours_fp32: Contender) -> None:
+    """MONAI fp32 given our Gaussian weight map (``roi_weight_map``): the same windows, weights and network, so
+    that what is left of a difference between the label maps is ours. MONAI's own Gaussian floors the weights
+    at 1e-3, ours (nnU-Net's) lets them fall to ~1e-9 at a window's corners: near a window's edge MONAI still
+    counts that window's prediction, ours all but ignores it."""
+    patch = (size["patch"],) * 3
+    weights = gaussian_importance_map(patch).to(device)
+    with torch.inference_mode():
+        probs = sliding_window_inference(volume[None], patch, 4, lambda x: model(x).softmax(1), overlap=OVERLAP,
+                                         mode="gaussian", roi_weight_map=weights)
+    labels = probs[0].argmax(0).to(torch.uint8).cpu().numpy()
+    print(f"identity check, MONAI fp32 with our Gaussian weight map (roi_weight_map): Dice vs {ours_fp32.name} "
+          f"{dice(ours_fp32.labels, labels):.4f} (voxels agreeing {float((ours_fp32.labels == labels).mean()):.6f}), "
+          f"vs {ours.name} {dice(ours.labels, labels):.4f}")
 
 
 def attribute(runs: list[Contender], read_seconds: float) -> None:
@@ -405,6 +447,12 @@ def folder_cases(folder: Path, size: dict, count: int) -> list[Path]:
 
 def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
     scans = folder_cases(folder, size, count)
+    for probabilities in (False, True):
+        folder_throughput(size, device, folder, scans, level, probabilities)
+    compression_levels(scans[0], size, device, level)
+
+
+def folder_model(size: dict) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = build_network("unet", size["folder_net"], spatial_dims=3, in_channels=1, num_classes=NUM_CLASSES).eval()
     meta = {
@@ -413,15 +461,23 @@ def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
         "normalize": {"mode": "zscore", "per_channel": True, "nonzero": False},
         "spacing": None,
         "label_kind": "semantic",
-        "inference": {"overlap": OVERLAP, "sw_batch_size": 4},
+        "inference": {"overlap": FOLDER_OVERLAP, "sw_batch_size": 4},
     }
-    predict_batch(model, meta, scans[:1], folder / "out_warm", device=device, show_progress=False)
+    return model, meta
+
+
+def folder_throughput(size, device, folder: Path, scans: list[Path], level: int | None, probabilities: bool) -> None:
+    """``predict_batch`` against the naive loop over the same scans, writing labels (and probabilities)."""
+    model, meta = folder_model(size)
+    predict_batch(model, meta, scans[:1], folder / "out_warm", device=device, show_progress=False,
+                  probabilities=probabilities)
 
     def sequential(out: Path) -> dict[str, float]:
-        """The naive loop: load -> predict -> write, one case after the other, the same CasePredictor."""
+        """The naive loop: load -> predict -> write, one case after the other, the same CasePredictor and
+        the same writing function as ``predict_batch``."""
         out.mkdir(parents=True, exist_ok=True)
         engine = CasePredictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
-                           instances=False, probabilities=False)
+                               instances=False, probabilities=probabilities)
         times = {"load": 0.0, "compute": 0.0, "write": 0.0}
         for scan in scans:
             t0 = time.perf_counter()
@@ -430,7 +486,8 @@ def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
             result = engine.compute(data)
             sync(device)
             t2 = time.perf_counter()
-            write_image(result["labels"], output_path(scan, out), meta=result["meta"], compression_level=level)
+            target = output_path(scan, out)
+            _write(CaseRecord(target.name.split(".")[0], str(scan), str(target)), result, out, level)
             times["load"] += t1 - t0
             times["compute"] += t2 - t1
             times["write"] += time.perf_counter() - t2
@@ -440,14 +497,15 @@ def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
     seconds = {"sequential": 0.0, "predict_batch": 0.0}
     parts = {"load": 0.0, "compute": 0.0, "write": 0.0}
     for i, name in enumerate(("sequential", "predict_batch", "predict_batch", "sequential")):
-        out = folder / f"out_{name}{i}"
+        out = folder / f"out_{name}{i}{'_probabilities' if probabilities else ''}"
+        out.mkdir()
         start = time.perf_counter()
         if name == "sequential":
             for key, value in sequential(out).items():
                 parts[key] += value / 2
         else:
             records = predict_batch(model, meta, scans, out, device=device, show_progress=False,
-                                    compression_level=level)
+                                    compression_level=level, probabilities=probabilities)
         seconds[name] += (time.perf_counter() - start) / 2
         if i:  # the page cache should hold the inputs, not the outputs of earlier rounds
             shutil.rmtree(out)
@@ -457,8 +515,10 @@ def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
     bound = sum(parts.values()) / max(parts["compute"], parts["load"] + parts["write"])
     mib = sum(s.stat().st_size for s in scans) / n / 2**20
     print(f"\n## (c) {n} gzip NIfTI volumes of {'x'.join(map(str, size['case']))} (int16, {mib:.1f} MiB each, "
-          f"page-cached), UNet {size['folder_net']}, patch {size['patch']}^3, overlap {OVERLAP}, precision auto, "
-          f"output compression level {'default (1)' if level is None else level}")
+          f"page-cached), UNet {size['folder_net']}, patch {size['patch']}^3, overlap {FOLDER_OVERLAP}, "
+          f"precision auto, "
+          f"output compression level {'default' if level is None else level}; writing "
+          f"{'labels + float16 probabilities (--save-probabilities)' if probabilities else 'labels'}")
     print("| loop | seconds (mean of 2, order A B B A) | cases/s |")
     print("|---|---:|---:|")
     print(f"| naive sequential (load -> predict -> write) | {t_seq:.2f} | {n / t_seq:.2f} |")
@@ -468,11 +528,11 @@ def part_c(size, device, folder: Path, count: int, level: int | None) -> None:
     print(f"naive loop, seconds per case: load (gunzip + z-score) {parts['load'] / n:.3f}, compute "
           f"{parts['compute'] / n:.3f}, write {parts['write'] / n:.3f}; the most overlapping can gain: {bound:.2f}x "
           f"(sum / max(compute, load + write))")
-    compression_levels(scans[0], model, meta, device)
 
 
-def compression_levels(scan: Path, model, meta: dict, device) -> None:
+def compression_levels(scan: Path, size: dict, device, level: int | None) -> None:
     """Seconds and size of writing one predicted label map at each zlib level."""
+    model, meta = folder_model(size)
     engine = CasePredictor(model, meta, device=device, tta=False, overlap=None, sw_batch_size=None,
                            instances=False, probabilities=False)
     result = engine.compute(engine.load(scan))
