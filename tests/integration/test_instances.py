@@ -93,7 +93,7 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
         assert float(run.data.params["instances.thresholds.marker"]) == inst_meta["thresholds"]["marker"]
         assert "val/instance_map" in run.data.metrics
     assert set(inst_meta["thresholds"]) == {"border": {"foreground"}, "distance": {"foreground", "marker"},
-                                             "flows": {"foreground", "slope", "marker_size"}}[target]
+                                             "flows": {"foreground", "slope", "marker_size", "smooth"}}[target]
     if target == "distance":  # tuned again on the trained weights (after a post-processing change)
         retuned = retune_run(tmp_path / "run")
         assert retuned["tuning"]["cases"] == 1 and set(retuned["thresholds"]) == set(inst_meta["thresholds"])
