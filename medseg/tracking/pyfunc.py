@@ -66,7 +66,9 @@ def default_params(metadata: dict[str, Any]) -> dict[str, bool]:
 
 def signature_and_example(metadata: dict[str, Any]) -> tuple[Any, tuple[np.ndarray, dict[str, bool]]]:
     """The pyfunc's signature (float32 ``C *S`` in, labels and instances out, the two params) and a small
-    input example (zeros of at most 32 per axis: any size works, and the example is stored as JSON)."""
+    input example (a ramp of at most 32 per axis: any size works, and the example is stored as JSON; not a
+    constant image, whose percentile or min-max normalisation divides by zero and made MONAI print a warning
+    each time a model was logged)."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
@@ -82,4 +84,6 @@ def signature_and_example(metadata: dict[str, Any]) -> tuple[Any, tuple[np.ndarr
         params=ParamSchema([ParamSpec(name, "boolean", value) for name, value in defaults.items()]),
     )
     size = [min(int(p), 32) for p in metadata["patch_size"]]
-    return signature, (np.zeros((channels, *size), dtype=np.float32), defaults)
+    count = channels * int(np.prod(size))
+    example = np.linspace(0.0, 1.0, count, dtype=np.float32).reshape(channels, *size)
+    return signature, (example, defaults)

@@ -1,5 +1,7 @@
 """The logged pyfunc runs what `medseg predict` runs, instance representations and tuned thresholds included."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tifffile
@@ -11,6 +13,7 @@ from medseg.nets import build_network
 from medseg.tracking import Tracker
 from medseg.tracking.models import fluent_scope
 from medseg.tracking.pyfunc import signature_and_example
+from medseg.transforms.presets import build_normalization
 from pipelines.predict import load_trained_model, predict_batch
 
 
@@ -74,3 +77,15 @@ def test_signature_declares_float32_channels_first_and_the_params():
     spec = signature.inputs.inputs[0]
     assert spec.type == np.dtype(np.float32) and spec.shape == (2, -1, -1, -1)
     assert example.shape == (2, 32, 32, 16) and params == {"tta": True, "instances": False}
+
+
+@pytest.mark.parametrize("mode", ["percentile", "zscore", "ct"])
+def test_the_input_example_normalises_without_warnings(mode):
+    meta = {"spatial_dims": 2, "in_channels": 1, "classes": {"bg": 0, "cell": 1}, "patch_size": [64, 64],
+            "label_kind": "instance", "inference": {}}
+    _, (example, _) = signature_and_example(meta)
+    normalize = build_normalization({"mode": mode, "window": [0.0, 1.0]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a constant example made MONAI warn "Divide by zero (a_min == a_max)"
+        out = normalize({"image": torch.from_numpy(example)})["image"]
+    assert torch.isfinite(torch.as_tensor(out)).all()
