@@ -98,6 +98,7 @@ def main() -> int:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads of each training (default 1)")
     p.add_argument("--repeats", type=int, default=1, help="repeat the pair (new seeds) to see the spread")
+    p.add_argument("--seed", type=int, default=1, help="training seed of the first repeat (default 1)")
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one)")
     args = p.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="medseg-plan-bench-"))
@@ -122,14 +123,14 @@ def main() -> int:
           f"both at once, {args.threads} torch thread(s) each; {len(names) - len(val)} training / {len(val)} "
           f"validation volumes {' x '.join(map(str, args.size))}, 0.8 x 0.8 x 4 mm", flush=True)
     for repeat in range(args.repeats):
-        seed = [f"experiment.seed={repeat + 1}"]
+        seed = [f"experiment.seed={args.seed + repeat}"]
         # the planned config runs its own schedule (planned for this budget); the hand-written one keeps its
         # schedule but validates every 10 steps instead of every 5 x 50, so that it reports within short budgets
         runs = {"planned": (planned, work / f"planned-{repeat}", same + seed + ["data.folds=null"]),
                 "lesions3d_unet.yaml": (hand_cfg, work / f"hand-{repeat}",
                                         same + seed + ["train.iterations_per_epoch=10"])}
         results = train_together(runs, args.minutes * 60, env)
-        print(f"repeat {repeat + 1} (seed {repeat + 1}), load average {os.getloadavg()[0]:.1f} at the end:")
+        print(f"repeat {repeat + 1} (seed {args.seed + repeat}), load average {os.getloadavg()[0]:.1f} at the end:")
         for name, r in results.items():
             dice = "n/a" if r["best_dice"] is None else f"{r['best_dice']:.4f} (epoch {r['best_epoch']})"
             print(f"  {name:22s} best validation foreground Dice {dice}; {r['epochs']} epochs in "
