@@ -77,7 +77,7 @@ from medseg.losses import DiceWeightedCELoss
 from medseg.nets import build_network
 from medseg.precision import detect, resolve_precision
 from medseg.predictor import CasePredictor
-from pipelines.predict import CaseRecord, _write, output_path, predict_batch
+from pipelines.predict import CaseRecord, output_path, predict_batch, write_case
 
 NUM_CLASSES = 2
 SIZES = {
@@ -488,7 +488,7 @@ def folder_throughput(size, device, folder: Path, scans: list[Path], level: int 
             sync(device)
             t2 = time.perf_counter()
             target = output_path(scan, out)
-            _write(CaseRecord(target.name.split(".")[0], str(scan), str(target)), result, out, level)
+            write_case(CaseRecord(target.name.split(".")[0], str(scan), str(target)), result, out, level)
             times["load"] += t1 - t0
             times["compute"] += t2 - t1
             times["write"] += time.perf_counter() - t2
@@ -517,8 +517,7 @@ def folder_throughput(size, device, folder: Path, scans: list[Path], level: int 
     mib = sum(s.stat().st_size for s in scans) / n / 2**20
     print(f"\n## (c) {n} gzip NIfTI volumes of {'x'.join(map(str, size['case']))} (int16, {mib:.1f} MiB each, "
           f"page-cached), UNet {size['folder_net']}, patch {size['patch']}^3, overlap {FOLDER_OVERLAP}, "
-          f"precision auto, "
-          f"output compression level {'default' if level is None else level}; writing "
+          f"precision auto, output compression level {'default' if level is None else level}; writing "
           f"{'labels + float16 probabilities (--save-probabilities)' if probabilities else 'labels'}")
     print("| loop | seconds (mean of 2, order A B B A) | cases/s |")
     print("|---|---:|---:|")

@@ -178,7 +178,7 @@ def predict_batch(
                 unfinished = [f for _, f in pending if not f.done()]
                 if len(unfinished) >= MAX_PENDING_WRITES:
                     wait(unfinished[:1])  # the oldest; its outcome is read below
-                pending.append((rec, writer.submit(_write, rec, result, out_dir, compression_level)))
+                pending.append((rec, writer.submit(write_case, rec, result, out_dir, compression_level)))
             except Exception as err:  # one bad scan must not stop the batch
                 rec.status, rec.error = "failed", _reason(err)
                 log.error("%s: %s", rec.input, rec.error)
@@ -200,7 +200,9 @@ def _reason(err: Exception) -> str:
     return str(cause) if cause is not None else f"{type(err).__name__}: {err}"
 
 
-def _write(rec: CaseRecord, result: dict[str, Any], out_dir: Path, level: int | None = None) -> None:
+def write_case(rec: CaseRecord, result: dict[str, Any], out_dir: Path, level: int | None = None) -> None:
+    """Write one computed case into ``out_dir``: instances, probabilities, then the label map (its presence
+    means done), each atomically; ``level`` is the zlib level."""
     scan, meta = Path(rec.input), result["meta"]
     if "instances" in result:
         inst = result["instances"]
