@@ -24,7 +24,7 @@ def test_probabilities_archive_reads_back_with_numpy_at_every_level(level):
             np.testing.assert_array_equal(loaded[name], array)
 
 
-def test_compression_level_trades_size_for_time_as_asked():
+def test_a_higher_compression_level_writes_a_smaller_archive():
     smooth = np.repeat(np.linspace(0, 1, 64, dtype=np.float16)[None], 256, 0)  # compressible
     sizes = {}
     for level in (0, 9):
