@@ -243,6 +243,7 @@ class SlidingWindowPredictor:
             self.memory_format = torch.channels_last if dims == 2 else torch.channels_last_3d
         # Flip dims of a window batch B C *P. The identity comes last: see _predict.
         self.flips = [()]
+        self.tta = bool(tta)
         if tta:
             sizes = reversed(range(len(axes) + 1))
             subsets = itertools.chain.from_iterable(itertools.combinations(axes, r) for r in sizes)

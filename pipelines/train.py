@@ -211,7 +211,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
             checkpoints.save("last", state, state.epoch, 0, finished=True)  # --resume auto has nothing left to do
             if parts.representation is not None and data.val_loader is not None:  # thresholds for --instances
                 metadata["instances"] = tune_instances(cfg, parts.representation, parts.model, _predictor(
-                    cfg, data, parts, dist_info), data.val_loader, tracker, output_dir / "checkpoints", state.epoch)
+                    cfg, data, parts, dist_info, as_predict=True), data.val_loader, tracker, output_dir / "checkpoints", state.epoch)
         log_run_artifacts(output_dir, tracker, parts.model, metadata, state, cfg.tracking.registered_model_name,
                           version_tags)
     dist.barrier(dist_info)
@@ -236,7 +236,7 @@ def retune_run(run_dir: Path) -> dict[str, Any]:
         raise ConfigError("data.instance_target", f"{run_dir} has no instance representation or no validation "
                                                   "cases to tune its post-processing on")
     tracker = Tracker(None, cfg.experiment.name, fallback_dir=Path(run_dir), enabled=False)
-    return tune_instances(cfg, parts.representation, parts.model, _predictor(cfg, data, parts, info),
+    return tune_instances(cfg, parts.representation, parts.model, _predictor(cfg, data, parts, info, as_predict=True),
                           data.val_loader, tracker, Path(run_dir) / "checkpoints", step=0)
 
 
@@ -379,15 +379,21 @@ class _Checkpoints:
         })
 
 
-def _predictor(cfg: ExperimentConfig, data: _Data, parts: _Components, dist_info: dist.DistInfo):
-    """The validation sliding window; it also returns the representation's regression channels."""
+def _predictor(cfg: ExperimentConfig, data: _Data, parts: _Components, dist_info: dist.DistInfo,
+               as_predict: bool = False):
+    """The validation sliding window; it also returns the representation's regression channels.
+
+    ``as_predict``: with the settings ``medseg predict`` applies (mirror TTA when ``inference.tta``, the
+    ``inference.precision``), for tuning the post-processing thresholds on outputs like those they will be
+    applied to. Validation during training keeps the training precision and no TTA (its cost every epoch).
+    """
     rep, dims = parts.representation, cfg.data.spatial_dims
     n_reg = rep.regression_channels(dims) if rep else 0
     return SlidingWindowPredictor(
         parts.model, cfg.transforms.patch_size, len(data.class_names), overlap=cfg.inference.overlap,
         sw_batch_size=cfg.inference.sw_batch_size, device=dist_info.device,
-        amp=parts.settings.amp_dtype, regression_channels=n_reg,
-        vector_axes=rep.vector_axes(dims) if n_reg else None,
+        amp=cfg.inference.precision if as_predict else parts.settings.amp_dtype, regression_channels=n_reg,
+        vector_axes=rep.vector_axes(dims) if n_reg else None, tta=as_predict and cfg.inference.tta,
     )
 
 

@@ -38,7 +38,9 @@ def tune_instances(cfg: ExperimentConfig, rep: Representation, model: torch.nn.M
     meta = instances_metadata(cfg, result.thresholds)
     meta["tuning"] = {"cases": len(cases), "map": result.score, "ap_50": result.ap50,
                       "default_map": result.default_score, "combinations": len(result.table),
-                      "seconds": round(time.perf_counter() - started, 2)}
+                      "seconds": round(time.perf_counter() - started, 2),
+                      # the outputs tuned on, as `medseg predict` makes them (TTA, precision)
+                      "tta": predictor.tta, "precision": str(predictor.amp_dtype or torch.float32)}
     log.info("instances (%s): thresholds %s, validation AP@0.5 %.4f, AP@0.5:0.95 %.4f (defaults %.4f) on %d cases",
              rep.name, result.thresholds, result.ap50, result.score, result.default_score, len(cases))
     tracker.log_params({f"instances.thresholds.{n}": v for n, v in result.thresholds.items()})

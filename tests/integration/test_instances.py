@@ -62,7 +62,7 @@ def _config(tmp_path: Path, data: Path, target: str, dims: int) -> Path:
                        "augmentation": {"preset": "cells2d" if dims == 2 else "none"}},
         "model": {"name": "unet", "params": {"features": 4, "depth": 2, "deep_supervision": True}},
         "train": {"epochs": 1, "batch_size": 2, "iterations_per_epoch": 2},
-        "inference": {"overlap": 0.25, "sw_batch_size": 2, "min_instance_size": 0},
+        "inference": {"overlap": 0.25, "sw_batch_size": 2, "min_instance_size": 0, "tta": target == "distance"},
         "instances": {"msge_weight": 0.5},
         # MLflow once (the tuned thresholds are logged there), the other runs skip its start-up cost
         "tracking": {"enabled": target == "distance", "uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -87,6 +87,8 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     channels = {"border": 0, "distance": 1, "flows": dims}[target]
     assert inst_meta["target"] == target and inst_meta["regression_channels"] == channels
     assert inst_meta["tuned"] and inst_meta["tuning"]["cases"] == 1 and inst_meta["tuning"]["combinations"] > 1
+    # tuned on outputs made as `predict` makes them: with its mirror TTA where the model predicts with TTA
+    assert inst_meta["tuning"]["tta"] is (target == "distance")
     if target == "distance":
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         run = client.search_runs([client.get_experiment_by_name("inst_distance2d").experiment_id])[0]
