@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reuse", action="store_true",
                    help="with --workdir: keep the weights of runs already trained there (same data and budget) and "
                         "only tune their post-processing again (after a post-processing change)")
+    p.add_argument("--diameter", type=float, nargs=2, default=(10.0, 40.0), metavar=("LO", "HI"),
+                   help="range of nucleus diameters in pixels (default 10 40, `medseg synth cells`'s; e.g. 20 60 to "
+                        "check that the post-processing scales with the objects)")
+    p.add_argument("--nuclei", type=int, nargs=2, default=(30, 80), metavar=("LO", "HI"),
+                   help="range of nuclei per 256x256 pixels (default 30 80; fewer for larger nuclei)")
     p.add_argument("--json", type=Path, help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -178,16 +183,19 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     budget = dict(BUDGETS["quick" if args.quick else "full"])
     budget.update({k: v for k, v in (("epochs", args.epochs), ("steps", args.steps)) if v is not None})
+    shape = {"diameter": list(args.diameter), "nuclei": list(args.nuclei)}  # of the synthetic nuclei
     context = nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="bench_instances_")
     with context as folder:
         work = Path(folder)
-        data = make_cells(work / "cells", n=budget["n"], n_test=budget["n_test"], size=budget["size"], seed=args.seed)
-        big = make_cells(work / "cells512", n=1, size=(512, 512), seed=args.seed + 1)
+        data = make_cells(work / "cells", n=budget["n"], n_test=budget["n_test"], size=budget["size"], seed=args.seed,
+                          **shape)
+        big = make_cells(work / "cells512", n=1, size=(512, 512), seed=args.seed + 1, **shape)
         big_image = sorted((big / "imagesTr").iterdir())[0]
         print(f"budget: {budget['epochs']} epochs x {budget['steps']} steps x batch {budget['batch']} "
               f"({budget['epochs'] * budget['steps'] * budget['batch']} patches) per representation; "
               f"{budget['n']} training/validation + {budget['n_test']} held-out {budget['size'][0]}x"
-              f"{budget['size'][1]} images (seed {args.seed}); torch {torch.__version__}, "
+              f"{budget['size'][1]} images (seed {args.seed}, nuclei {shape['diameter'][0]:g}-{shape['diameter'][1]:g} "
+              f"px across, {shape['nuclei'][0]}-{shape['nuclei'][1]} per 256^2); torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
         rows = []
         for target in args.targets:
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         gain = "the baseline itself" if best is base else f"{best['map'] - base['map']:+.3f} over border"
         print(f"best AP@0.5:0.95: {best['target']} ({gain})")
     if args.json:
-        args.json.write_text(json.dumps({"budget": budget, "seed": args.seed, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"budget": budget, "seed": args.seed, "nuclei": shape, "rows": rows}, indent=2))
     return 0
 
 

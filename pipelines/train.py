@@ -210,8 +210,9 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
         if state.interrupted is None:
             checkpoints.save("last", state, state.epoch, 0, finished=True)  # --resume auto has nothing left to do
             if parts.representation is not None and data.val_loader is not None:  # thresholds for --instances
-                metadata["instances"] = tune_instances(cfg, parts.representation, parts.model, _predictor(
-                    cfg, data, parts, dist_info, as_predict=True), data.val_loader, tracker, output_dir / "checkpoints", state.epoch)
+                predictor = _predictor(cfg, data, parts, dist_info, as_predict=True)
+                metadata["instances"] = tune_instances(cfg, parts.representation, parts.model, predictor,
+                                                       data.val_loader, tracker, checkpoints.folder, state.epoch)
         log_run_artifacts(output_dir, tracker, parts.model, metadata, state, cfg.tracking.registered_model_name,
                           version_tags)
     dist.barrier(dist_info)

@@ -37,6 +37,7 @@ __all__ = [
     "label_markers",
     "with_borders",
     "object_boxes",
+    "median_object_size",
 ]
 
 
@@ -111,6 +112,11 @@ class Representation:
         return terms
 
     # -- post-processing ----------------------------------------------------------------------------------
+    def tuning_grid(self, references: Sequence[np.ndarray], min_size: int = 8) -> dict[str, tuple[float, ...]]:
+        """The values tried per threshold when tuning on cases with these reference instance maps: :attr:`grid`
+        unless a representation scales it with the objects (``min_size``: the post-processing's)."""
+        return dict(self.grid)
+
     def check_thresholds(self, values: Mapping[str, float] | None) -> dict[str, float]:
         """Defaults overridden by ``values``; an unknown name raises ValueError listing the valid ones."""
         out = dict(self.thresholds)
@@ -157,6 +163,20 @@ class InstanceTargetsd(MapTransform):
 
 
 # ---------------------------------------------------------------------------------------------- targets
+def median_object_size(references: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Median object size over instance maps: ``(pixels or voxels, equivalent diameter)``, the diameter of a
+    disc (2D) or ball (3D) of that size; ``(0, 0)`` without objects."""
+    sizes = []
+    for ref in references:
+        counts = np.bincount(np.asarray(ref).ravel().astype(np.int64))[1:]
+        sizes.extend(counts[counts > 0].tolist())
+    if not sizes:
+        return 0.0, 0.0
+    size, dims = float(np.median(sizes)), np.asarray(references[0]).ndim
+    unit = np.pi if dims == 2 else 4.0 / 3.0 * np.pi  # area of a unit disc / volume of a unit ball
+    return size, 2.0 * (size / unit) ** (1.0 / dims)
+
+
 def object_boxes(inst: np.ndarray, margin: int = 0):
     """``(id, box)`` of every instance, ``box`` its bounding box grown by ``margin`` (clipped to the image)."""
     for index, box in enumerate(ndimage.find_objects(inst), start=1):

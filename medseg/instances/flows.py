@@ -38,6 +38,7 @@ from medseg.instances.base import (
     finish_instances,
     foreground_mask,
     label_markers,
+    median_object_size,
     object_boxes,
     with_borders,
 )
@@ -88,7 +89,8 @@ class Flows(Representation):
     ``slope`` (smallest axial slope of a core pixel), ``marker_size`` (smallest core kept, in multiples of the
     post-processing's ``min_size``, so it scales with the objects where ``min_size`` does), ``smooth`` (sigma in
     pixels of the Gaussian applied to the maps before the slope, 0: none; it removes noise inside objects but
-    weakens the fall across a short contact, so the validation cases choose)."""
+    weakens the fall across a short contact, so the validation cases choose). The values tuned for ``smooth``
+    and ``marker_size`` scale with the validation objects (:meth:`tuning_grid`)."""
 
     name = "flows"
     thresholds = {"foreground": 0.5, "slope": -0.1, "marker_size": 2.0, "smooth": 0.0}
@@ -96,8 +98,26 @@ class Flows(Representation):
             "marker_size": (0.0, 1.0, 2.0, 4.0, 8.0), "smooth": (0.0, 2.0)}
     uses_gradient = True
 
+    # Tuning values that scale with the objects (the fixed ``grid`` fits nuclei ~18 px across): the smoothing as a
+    # fraction of the median equivalent diameter, the smallest core as a fraction of the median object size.
+    smooth_fractions = (0.0, 0.05, 0.1, 0.15)
+    marker_fractions = (0.0, 0.025, 0.05, 0.1, 0.2)
+
     def vector_axes(self, spatial_dims: int) -> list[int | None]:
         return list(range(spatial_dims))
+
+    def tuning_grid(self, references, min_size: int = 8) -> dict[str, tuple[float, ...]]:
+        """``grid`` with ``smooth`` and ``marker_size`` scaled to the reference objects' median size: a field
+        learned on large nuclei is noisy over a larger scale and its spurious cores are larger (nuclei ~29 px
+        across, the same weights tuned both ways: held-out AP@0.5:0.95 0.807 -> 0.866 on one training, where the
+        fixed grid chose its largest marker_size and no smoothing, 0.830 -> 0.840 on another). Nuclei ~18 px
+        across get about the fixed grid (mean of 4 seeds 0.791 -> 0.790)."""
+        grid = dict(self.grid)
+        size, diameter = median_object_size(references)
+        if size > 0:
+            grid["smooth"] = tuple(sorted({round(f * diameter, 1) for f in self.smooth_fractions}))
+            grid["marker_size"] = tuple(sorted({round(f * size / max(min_size, 1), 1) for f in self.marker_fractions}))
+        return grid
 
     def targets(self, instance: np.ndarray) -> np.ndarray:
         return flow_targets(instance)

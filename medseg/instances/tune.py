@@ -59,9 +59,10 @@ def tune_thresholds(
     if not cases:
         return TuningResult(defaults, float("nan"), float("nan"), float("nan"))
     names = sorted(rep.thresholds)
+    grid = rep.tuning_grid([ref for _, _, ref in cases], min_size)
     # the default value first on every axis, so ties keep the defaults
     axes = [
-        [fixed[n]] if n in fixed else [defaults[n]] + [v for v in rep.grid.get(n, ()) if v != defaults[n]]
+        [fixed[n]] if n in fixed else [defaults[n]] + [v for v in grid.get(n, ()) if v != defaults[n]]
         for n in names
     ]
     table = []

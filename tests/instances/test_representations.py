@@ -176,3 +176,34 @@ def test_label_markers_drops_small_regions():
     cores[1:5, 1:5], cores[8:10, 8:9] = True, True
     assert label_markers(cores).max() == 2
     assert np.array_equal(label_markers(cores, min_voxels=3), ndimage.label(cores[:, :] & (np.arange(12) < 6))[0])
+
+
+def test_flows_tuning_grid_scales_with_the_objects():
+    rep = build_representation("flows")
+    small = touching_cells((80, 90), 6, 8.0, seed=1)
+    large = np.kron(small, np.ones((2, 2), small.dtype))  # the same objects, twice as wide
+    grid_small, grid_large = rep.tuning_grid([small], min_size=8), rep.tuning_grid([large], min_size=8)
+    assert grid_small["foreground"] == grid_large["foreground"] == rep.grid["foreground"]
+    assert grid_small["smooth"][0] == 0.0 and len(grid_small["smooth"]) == len(grid_large["smooth"])
+    np.testing.assert_allclose(grid_large["smooth"], 2 * np.asarray(grid_small["smooth"]), atol=0.11)
+    np.testing.assert_allclose(grid_large["marker_size"], 4 * np.asarray(grid_small["marker_size"]), rtol=0.05,
+                               atol=0.21)
+    assert rep.tuning_grid([np.zeros((8, 8), np.int32)]) == rep.grid  # no objects: the fixed grid
+
+
+def test_flows_tuning_removes_the_larger_noise_cores_of_large_objects():
+    # nuclei ~40 px across with a smoothly noisy field: its spurious cores are larger than any marker_size of
+    # the fixed grid (made for ~18 px nuclei) but not of the grid scaled to the objects
+    class FixedGrid(type(build_representation("flows"))):
+        def tuning_grid(self, references, min_size=8):
+            return dict(self.grid)
+
+    rep = build_representation("flows")
+    inst = touching_cells((150, 160), 9, 20.0, seed=1)
+    probs = one_hot(instances_to_semantic(inst, "cell_border", 1), 3)
+    rng = np.random.default_rng(1)
+    noise = np.stack([ndimage.gaussian_filter(rng.normal(0.0, 1.0, inst.shape), 3.0) for _ in range(2)])
+    cases = [(probs, (rep.targets(inst) + noise / noise.std()).astype(np.float32), inst)]
+    scaled, fixed = tune_thresholds(rep, cases, min_size=8), tune_thresholds(FixedGrid(), cases, min_size=8)
+    assert scaled.thresholds["marker_size"] > max(rep.grid["marker_size"])
+    assert scaled.score >= 0.95 and scaled.score > fixed.score + 0.1
