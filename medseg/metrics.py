@@ -205,6 +205,12 @@ def instance_metrics(
     return out
 
 
+def equivalent_diameter(size: float, dims: int) -> float:
+    """Diameter of the disc (2D) or ball (3D) of ``size`` pixels or voxels: an object's size as a length."""
+    unit = np.pi if dims == 2 else 4.0 / 3.0 * np.pi  # area of a unit disc / volume of a unit ball
+    return 2.0 * (float(size) / unit) ** (1.0 / dims)
+
+
 def merges_and_splits(pred_inst: np.ndarray, ref_inst: np.ndarray, coverage: float = 0.5) -> dict[str, float]:
     """Count the predictions that merge references and the references split into several predictions.
 

@@ -14,6 +14,7 @@ from medseg.metrics import (
     aggregate_semantic,
     confusion_matrix,
     dice_per_class,
+    equivalent_diameter,
     instance_metrics,
     merges_and_splits,
     overall_metrics,
@@ -324,3 +325,8 @@ def test_dice_per_class_errors():
         dice_per_class(torch.zeros(1, 4, 4), torch.zeros(1, 4, 5), 2)
     with pytest.raises(ValueError, match=r"\[0, 1\].*max 2"):
         dice_per_class(torch.full((1, 4, 4), 2), torch.zeros(1, 4, 4), 2)
+
+
+def test_equivalent_diameter_of_a_disc_and_a_ball():
+    assert equivalent_diameter(np.pi * 5.0**2, 2) == pytest.approx(10.0)
+    assert equivalent_diameter(4.0 / 3.0 * np.pi * 3.0**3, 3) == pytest.approx(6.0)

@@ -25,6 +25,7 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from medseg.metrics import equivalent_diameter
 from medseg.transforms.functional import as_label_array
 
 __all__ = [
@@ -172,9 +173,8 @@ def median_object_size(references: Sequence[np.ndarray]) -> tuple[float, float]:
         sizes.extend(counts[counts > 0].tolist())
     if not sizes:
         return 0.0, 0.0
-    size, dims = float(np.median(sizes)), np.asarray(references[0]).ndim
-    unit = np.pi if dims == 2 else 4.0 / 3.0 * np.pi  # area of a unit disc / volume of a unit ball
-    return size, 2.0 * (size / unit) ** (1.0 / dims)
+    size = float(np.median(sizes))
+    return size, equivalent_diameter(size, np.asarray(references[0]).ndim)
 
 
 def object_boxes(inst: np.ndarray, margin: int = 0):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from scipy import ndimage
 from medseg.data.datalist import Case, DatasetInfo, discover
 from medseg.data.readers import load_image, spacing_of
 from medseg.errors import DataError
+from medseg.metrics import equivalent_diameter
 
 log = logging.getLogger(__name__)
 
@@ -168,8 +168,7 @@ def _objects(instance: np.ndarray) -> tuple[list[float], list[list[int]], set[in
     """Equivalent diameters, per-axis extents and ids touching another object, of one instance map."""
     ids, counts = np.unique(instance[instance > 0], return_counts=True)
     dims = instance.ndim
-    unit = math.pi if dims == 2 else 4.0 / 3.0 * math.pi  # area of a unit disc / volume of a unit ball
-    diameters = [2.0 * (float(c) / unit) ** (1.0 / dims) for c in counts]
+    diameters = [equivalent_diameter(c, dims) for c in counts]
     extents = [[s.stop - s.start for s in sl] for sl in ndimage.find_objects(instance.astype(np.int64)) if sl]
     touching: set[int] = set()
     for axis in range(dims):
