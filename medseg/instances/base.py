@@ -164,19 +164,6 @@ class InstanceTargetsd(MapTransform):
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def median_object_size(references: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Median object size over instance maps: ``(pixels or voxels, equivalent diameter)``, the diameter of a
-    disc (2D) or ball (3D) of that size; ``(0, 0)`` without objects."""
-    sizes = []
-    for ref in references:
-        counts = np.bincount(np.asarray(ref).ravel().astype(np.int64))[1:]
-        sizes.extend(counts[counts > 0].tolist())
-    if not sizes:
-        return 0.0, 0.0
-    size = float(np.median(sizes))
-    return size, equivalent_diameter(size, np.asarray(references[0]).ndim)
-
-
 def object_boxes(inst: np.ndarray, margin: int = 0):
     """``(id, box)`` of every instance, ``box`` its bounding box grown by ``margin`` (clipped to the image)."""
     for index, box in enumerate(ndimage.find_objects(inst), start=1):
@@ -228,6 +215,19 @@ def msge(
 
 
 # ------------------------------------------------------------------------------------- post-processing
+def median_object_size(references: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Median object size over instance maps: ``(pixels or voxels, equivalent diameter)``, the diameter of a
+    disc (2D) or ball (3D) of that size; ``(0, 0)`` without objects."""
+    sizes = []
+    for ref in references:
+        counts = np.bincount(np.asarray(ref).ravel().astype(np.int64))[1:]
+        sizes.extend(counts[counts > 0].tolist())
+    if not sizes:
+        return 0.0, 0.0
+    size = float(np.median(sizes))
+    return size, equivalent_diameter(size, np.asarray(references[0]).ndim)
+
+
 def foreground_mask(probs: np.ndarray, threshold: float) -> np.ndarray:
     """Pixels whose foreground probability (all classes but background; the sigmoid when ``K == 1``)
     is at least ``threshold``."""
