@@ -396,6 +396,10 @@ class TrainConfig(_Section):
     channels_last: bool = False
     compile: bool = False  # torch.compile the network (first steps slower while it compiles)
     val_every: int = Field(1, gt=0)
+    # what picks the best checkpoint and drives early stopping: dice = mean Dice of the foreground classes;
+    # ap = instance AP@0.5:0.95 (instance labels; post-processing with the untuned thresholds); auto = ap for
+    # instance labels, else dice
+    monitor: Literal["auto", "dice", "ap"] = "auto"
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     ddp_timeout: float = Field(1800.0, gt=0.0)  # seconds a DDP collective may wait for the other processes

@@ -52,7 +52,7 @@ from pipelines.common import (
 from pipelines.cv import fold_dir, split_for
 from pipelines.progress import Progress, StopFlag
 from pipelines.train_report import log_epoch, log_run_artifacts, start_tracking
-from pipelines.tune_instances import tune_instances
+from pipelines.tune_instances import instance_scorer, tune_instances
 
 log = logging.getLogger("medseg.train")
 
@@ -61,11 +61,12 @@ log = logging.getLogger("medseg.train")
 class TrainResult:
     output_dir: Path
     epochs_run: int
-    best_metric: float | None  # validation mean foreground-class Dice (selects the best checkpoint)
+    best_metric: float | None  # the validation figure that selects the best checkpoint (``monitor``)
     best_epoch: int | None
     best_foreground_dice: float | None  # all foreground classes as one, at the best epoch
     run_id: str | None
     interrupted: str | None  # the signal's name when a signal stopped the run
+    monitor: str = "dice_mean"  # dice_mean (mean foreground-class Dice) or ap (instance AP@0.5:0.95)
 
 
 def run_train_cli(args: argparse.Namespace) -> int:
@@ -84,8 +85,12 @@ def run_train_cli(args: argparse.Namespace) -> int:
         print(f"interrupted by {result.interrupted}; checkpoint saved. Continue with: --resume auto")
         return 128 + int(getattr(signal, result.interrupted))
     if result.best_metric is not None and result.best_foreground_dice is not None:
-        print(f"best validation foreground Dice {result.best_foreground_dice:.4f} (mean of per-class Dice "
-              f"{result.best_metric:.4f}) at epoch {result.best_epoch}")
+        if result.monitor == "ap":
+            print(f"best validation instance AP@0.5:0.95 {result.best_metric:.4f} (untuned post-processing; "
+                  f"foreground Dice {result.best_foreground_dice:.4f}) at epoch {result.best_epoch}")
+        else:
+            print(f"best validation foreground Dice {result.best_foreground_dice:.4f} (mean of per-class Dice "
+                  f"{result.best_metric:.4f}) at epoch {result.best_epoch}")
     print(f"run folder: {result.output_dir}" + (f"   MLflow run: {result.run_id}" if result.run_id else ""))
     return 0
 
@@ -159,6 +164,7 @@ class _State:
     best: float | None = None
     best_epoch: int | None = None
     best_foreground: float | None = None
+    monitor: str = "dice_mean"  # the validation figure ``best`` is of (checkpoints before it: dice_mean)
     run_id: str | None = None
     dataset_digest: str | None = None  # content digest, computed once per run
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -196,6 +202,7 @@ def _train(cfg: ExperimentConfig, output_dir: Path, resume: str | None, dist_inf
     parts = _build_components(cfg, data, dist_info)
     resume_from = _resume_path(resume, output_dir)
     state = _resume(resume_from, parts, dist_info.device) if resume_from is not None else _State()
+    _set_monitor(state, _monitor(cfg, parts.representation))
     if resume == "auto" and resume_from is None:
         log.info("no checkpoint in %s: starting from scratch", output_dir / "checkpoints")
     if _nothing_left(state, cfg):
@@ -345,13 +352,36 @@ def _resume(path: Path, parts: _Components, device: torch.device) -> _State:
     state = _State(
         epoch=int(saved["epoch"]), step=int(saved["step"]), step_in_epoch=int(saved.get("step_in_epoch", 0)),
         best=saved.get("best_metric"), best_epoch=saved.get("best_epoch"),
-        best_foreground=saved.get("best_foreground"), run_id=saved.get("mlflow_run_id"),
+        best_foreground=saved.get("best_foreground"), monitor=saved.get("monitor", "dice_mean"),
+        run_id=saved.get("mlflow_run_id"),
         history=dict(saved.get("history", {})), best_metrics=dict(saved.get("best_metrics") or {}),
         best_per_case=list(saved.get("best_per_case") or []), dataset_digest=saved.get("dataset_digest"),
         finished_epochs=saved["config"]["train"]["epochs"] if saved.get("finished") else None,
     )
     log.info("resumed from %s at epoch %d (+%d steps)", path, state.epoch, state.step_in_epoch)
     return state
+
+
+def _monitor(cfg: ExperimentConfig, rep: Representation | None) -> str:
+    """The ``val/*`` figure that selects the best checkpoint: ``ap`` or ``dice_mean`` (``train.monitor``).
+
+    Raises:
+        ConfigError: ``ap`` asked of semantic labels (no instances to score).
+    """
+    wanted = cfg.train.monitor
+    if wanted == "ap" and rep is None:
+        raise ConfigError("train.monitor", "'ap' scores instances, but this dataset's labels are "
+                                           f"{cfg.data.label_kind or 'semantic'}; use dice (or auto)")
+    return "ap" if wanted == "ap" or (wanted == "auto" and rep is not None) else "dice_mean"
+
+
+def _set_monitor(state: _State, monitor: str) -> None:
+    """A resumed run whose best was of another figure starts its best (and early-stopping count) afresh."""
+    if state.best is not None and state.monitor != monitor:
+        log.warning("the best checkpoint so far was chosen by val/%s, this run chooses by val/%s (train.monitor): "
+                    "the next validation becomes the best", state.monitor, monitor)
+        state.best, state.since_best = None, 0
+    state.monitor = monitor
 
 
 def _nothing_left(state: _State, cfg: ExperimentConfig) -> bool:
@@ -373,7 +403,8 @@ class _Checkpoints:
             "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
             "epoch": epoch, "step": state.step, "step_in_epoch": step_in_epoch,
             "best_metric": state.best, "best_epoch": state.best_epoch, "best_foreground": state.best_foreground,
-            "rng": capture_rng_state(), "config": config_to_dict(self.cfg), "metadata": self.metadata,
+            "monitor": state.monitor, "rng": capture_rng_state(), "config": config_to_dict(self.cfg),
+            "metadata": self.metadata,
             "mlflow_run_id": state.run_id, "history": state.history, "finished": finished,
             "best_metrics": state.best_metrics, "best_per_case": state.best_per_case,
             "dataset_digest": state.dataset_digest,
@@ -402,6 +433,8 @@ def _run_epochs(cfg: ExperimentConfig, data: _Data, parts: _Components, state: _
                 tracker: Tracker, dist_info: dist.DistInfo) -> None:
     """Train, validate, checkpoint and log epoch after epoch until the last one, early stopping or a signal."""
     predictor = _predictor(cfg, data, parts, dist_info)
+    rep = parts.representation
+    scorer = instance_scorer(cfg, rep, len(data.class_names)) if rep is not None else None
     log.info(
         "training %s (%s parameters) on %d cases, validating on %d, %d iterations/epoch, device %s%s",
         cfg.model.name, f"{sum(p.numel() for p in parts.model.parameters()):,}", data.n_train, data.n_val,
@@ -415,7 +448,7 @@ def _run_epochs(cfg: ExperimentConfig, data: _Data, parts: _Components, state: _
                 if dist_info.is_main:
                     checkpoints.save("last", state, epoch, state.step_in_epoch)
                 return
-            val_metric = _validate(epoch, cfg, data, predictor, state, metrics, dist_info)
+            val_metric = _validate(epoch, cfg, data, predictor, scorer, state, metrics, dist_info)
             parts.scheduler.step_epoch(val_metric)
             improved = _track_best(epoch, cfg, state, metrics, val_metric)
             state.epoch = epoch + 1
@@ -426,8 +459,8 @@ def _run_epochs(cfg: ExperimentConfig, data: _Data, parts: _Components, state: _
                 checkpoints.save("last", state, state.epoch, 0)
                 tracker.log_metrics(metrics, step=state.epoch)
             if patience is not None and state.since_best >= patience:
-                log.info("early stopping: no improvement for %d validations (best %.4f at epoch %s)",
-                         state.since_best, state.best, state.best_epoch)
+                log.info("early stopping: no improvement for %d validations (best val/%s %.4f at epoch %s)",
+                         state.since_best, state.monitor, state.best, state.best_epoch)
                 return
     state.epoch = cfg.train.epochs
 
@@ -460,16 +493,18 @@ def _train_epoch(epoch: int, cfg: ExperimentConfig, data: _Data, parts: _Compone
     return metrics
 
 
-def _validate(epoch: int, cfg: ExperimentConfig, data: _Data, predictor: SlidingWindowPredictor, state: _State,
-              metrics: dict[str, float], dist_info: dist.DistInfo) -> float | None:
-    """Validate when due (rank 0), adding ``val/*`` to ``metrics``; every rank gets the mean Dice (or None)."""
+def _validate(epoch: int, cfg: ExperimentConfig, data: _Data, predictor: SlidingWindowPredictor, scorer,
+              state: _State, metrics: dict[str, float], dist_info: dist.DistInfo) -> float | None:
+    """Validate when due (rank 0), adding ``val/*`` to ``metrics`` (Dice per class, and instance AP, merges
+    and splits for instance models); every rank gets the monitored figure (or None)."""
     val_metric = None
     due = (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == cfg.train.epochs
     if data.val_loader is not None and due:
-        validation, state.examples = evaluate(predictor, data.val_loader, data.class_names, dice_per_class, keep=6)
+        validation, state.examples = evaluate(predictor, data.val_loader, data.class_names, dice_per_class, keep=6,
+                                              case_metrics=scorer)
         state.per_case = validation.per_case
         metrics.update({f"val/{k}": v for k, v in validation.mean.items()})
-        val_metric = validation.mean.get("dice_mean")
+        val_metric = validation.mean.get(state.monitor)
     return dist.broadcast_object(val_metric, dist_info)
 
 
@@ -495,4 +530,4 @@ def _track_best(epoch: int, cfg: ExperimentConfig, state: _State, metrics: dict[
 
 def _result(output_dir: Path, state: _State) -> TrainResult:
     return TrainResult(output_dir, state.epoch, state.best, state.best_epoch, state.best_foreground, state.run_id,
-                       state.interrupted)
+                       state.interrupted, state.monitor)

@@ -101,9 +101,11 @@ def log_run_artifacts(output_dir: Path, tracker: Tracker, model: torch.nn.Module
         best = state.best_metrics
         description = None
         if best:
+            chosen = (f"instance AP@0.5:0.95 {best.get('best/ap', float('nan')):.4f} (untuned post-processing), "
+                      if state.monitor == "ap" else "")
             description = (f"{metadata['model']['name']} trained on {version_tags.get('dataset.source', '?')}: best "
-                           f"validation Dice {best.get('best/dice_mean', float('nan')):.4f} (mean over foreground "
-                           f"classes) at epoch {int(best['best/epoch'])}; MLflow run {tracker.run_id}")
+                           f"validation {chosen}Dice {best.get('best/dice_mean', float('nan')):.4f} (mean over "
+                           f"foreground classes) at epoch {int(best['best/epoch'])}; MLflow run {tracker.run_id}")
         tags = {**version_tags, **{k.replace("best/", "val_"): f"{v:.4f}" for k, v in best.items()
                                    if k != "best/epoch"}}
         tracker.log_model(model, metadata, registered_model_name=registered_model_name, metrics=best,

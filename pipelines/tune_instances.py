@@ -1,9 +1,11 @@
-"""The last step of training an instance model: post-processing thresholds tuned on the validation cases."""
+"""Instance figures of an instance model's training: AP at every validation (with the post-processing
+thresholds training starts from), and, as the last step, the thresholds tuned on the validation cases."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 from medseg.config import ExperimentConfig
 from medseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from medseg.instances import Representation, tune_thresholds
+from medseg.metrics import instance_metrics
 from medseg.tracking import Tracker
 from pipelines.common import instances_metadata
 
@@ -56,6 +59,36 @@ def tune_instances(cfg: ExperimentConfig, rep: Representation, model: torch.nn.M
     return meta
 
 
+def instance_scorer(cfg: ExperimentConfig, rep: Representation,
+                    num_classes: int) -> Callable[[dict, torch.Tensor], dict[str, float]]:
+    """Per-case instance figures for each validation (``medseg.engine.loop.evaluate``'s ``case_metrics``).
+
+    The case's output (classes, then regression channels) goes through ``rep``'s post-processing with the
+    thresholds training starts from (the representation's defaults, ``instances.postprocess`` over them; the
+    tuned ones exist only after the last epoch) and is scored against its reference instances: ``ap``
+    (AP@0.5:0.95), ``ap50``, ``merges`` and ``splits``. A case without reference instances gets none.
+    """
+    thresholds = rep.check_thresholds(cfg.instances.postprocess)
+    min_size = cfg.inference.min_instance_size
+
+    def score(batch: dict, output: torch.Tensor) -> dict[str, float]:
+        if "instance" not in batch:
+            return {}
+        out = output.detach().float().cpu().numpy()
+        regression = out[num_classes:] if out.shape[0] > num_classes else None
+        pred = rep.postprocess(out[:num_classes], regression, min_size=min_size, **thresholds)
+        figures = instance_metrics(pred, _reference(batch))
+        return {"ap": figures["map"], "ap50": figures["ap_50"], "merges": figures["merges"],
+                "splits": figures["splits"]}
+
+    return score
+
+
+def _reference(batch: dict) -> np.ndarray:
+    ref = batch["instance"][0, 0]
+    return (ref.as_tensor() if hasattr(ref, "as_tensor") else ref).cpu().numpy().astype(np.int64)
+
+
 @torch.inference_mode()
 def _validation_outputs(predictor, val_loader, num_classes: int) -> list[tuple]:
     """``(probabilities K *S, regression R *S or None, reference instances *S)`` of every validation case."""
@@ -64,7 +97,6 @@ def _validation_outputs(predictor, val_loader, num_classes: int) -> list[tuple]:
         if "instance" not in batch:
             continue
         out = predictor(batch["image"][0]).float().cpu().numpy()
-        ref = batch["instance"][0, 0]
-        ref = (ref.as_tensor() if hasattr(ref, "as_tensor") else ref).cpu().numpy().astype(np.int64)
-        cases.append((out[:num_classes], out[num_classes:] if out.shape[0] > num_classes else None, ref))
+        cases.append((out[:num_classes], out[num_classes:] if out.shape[0] > num_classes else None,
+                      _reference(batch)))
     return cases

@@ -171,6 +171,7 @@ def evaluate(
     class_names: list[str],
     dice_fn: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor],
     keep: int = 0,
+    case_metrics: Callable[[dict, torch.Tensor], dict[str, float]] | None = None,
 ) -> tuple[ValidationResult, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
     """Validate whole cases.
 
@@ -181,6 +182,9 @@ def evaluate(
         class_names: index = class id; Dice is reported for the foreground classes.
         dice_fn: ``dice_fn(pred [B *S], ref [B *S], K) -> [B K]`` with NaN where a class is absent in both.
         keep: how many (image, label, prediction) examples to return for a montage.
+        case_metrics: ``case_metrics(batch, output) -> {name: value}``: more per-case figures from the
+            predictor's whole output (e.g. instance AP from the classes and regression channels); averaged
+            over the cases that have them like the Dice columns.
 
     Returns:
         the Dice figures and up to ``keep`` examples as numpy arrays.
@@ -202,14 +206,16 @@ def evaluate(
         # all foreground classes as one (cells: cell + border = the nuclei), the figure users compare
         binary = dice_fn((pred > 0).long()[None], (ref > 0).long()[None].to(pred.device), 2)[0, 1]
         row["dice_foreground"] = float(binary)
+        if case_metrics is not None:
+            row.update(case_metrics(batch, probs))
         per_case.append(row)
         if len(examples) < keep:
             examples.append((image.cpu().numpy(), ref.cpu().numpy(), pred.cpu().numpy()))
     mean = {}
-    for key in per_case[0] if per_case else []:
+    for key in dict.fromkeys(k for row in per_case for k in row):  # every column, in first-seen order
         if key == "case":
             continue
-        vals = [r[key] for r in per_case if not np.isnan(r[key])]  # type: ignore[arg-type]
+        vals = [r[key] for r in per_case if key in r and not np.isnan(r[key])]  # type: ignore[arg-type]
         mean[key] = float(np.mean(vals)) if vals else float("nan")
     return ValidationResult(per_case, mean), examples
 

@@ -89,11 +89,15 @@ def test_train_then_predict_instances(tmp_path, cells2d, cells3d, target, dims):
     assert inst_meta["tuned"] and inst_meta["tuning"]["cases"] == 1 and inst_meta["tuning"]["combinations"] > 1
     # tuned on outputs made as `predict` makes them: with its mirror TTA where the model predicts with TTA
     assert inst_meta["tuning"]["tta"] is (target == "distance")
+    # validated by instance AP, which chose the best checkpoint (train.monitor auto)
+    assert trained["monitor"] == "ap" and {"val/ap", "val/ap50", "val/merges"} <= set(trained["history"])
+    assert trained["best_metric"] == max(trained["history"]["val/ap"])
     if target == "distance":
         client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
         run = client.search_runs([client.get_experiment_by_name("inst_distance2d").experiment_id])[0]
         assert float(run.data.params["instances.thresholds.marker"]) == inst_meta["thresholds"]["marker"]
         assert "val/instance_map" in run.data.metrics
+        assert run.data.metrics["best/ap"] == trained["best_metric"]
     assert set(inst_meta["thresholds"]) == {"border": {"foreground"}, "distance": {"foreground", "marker"},
                                              "flows": {"foreground", "slope", "marker_size", "smooth"}}[target]
     if target == "distance":  # tuned again on the trained weights (after a post-processing change)
