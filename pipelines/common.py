@@ -137,7 +137,8 @@ def _preprocessing(cfg: ExperimentConfig, in_channels: int | None = None) -> lis
     target (+ border class, weight map)."""
     keys = ("image", "label")
     chain = list(load_transforms(keys))
-    chain.append(ValidateImaged(("image",), in_channels=in_channels))  # training refuses NaN/Inf scans
+    # training refuses NaN/Inf scans; every sample keeps the same keys (no warnings list)
+    chain.append(ValidateImaged(("image",), in_channels=in_channels, warnings_key=None))
     if cfg.data.spacing is not None:
         chain.append(T.Spacingd(keys=keys, pixdim=cfg.data.spacing, mode=("bilinear", "nearest")))
     chain.append(

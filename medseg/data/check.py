@@ -17,7 +17,13 @@ from monai.data.utils import to_affine_nd
 
 from medseg.data.datalist import Case, DatasetInfo, Problem, discover
 from medseg.data.readers import load_image
-from medseg.data.sanity import channel_description, geometry_problem, nonfinite_counts, nonfinite_message
+from medseg.data.sanity import (
+    channel_description,
+    geometry_problem,
+    is_picture,
+    nonfinite_counts,
+    nonfinite_message,
+)
 from medseg.errors import DataError
 
 
@@ -84,26 +90,33 @@ class _Seen:
     """What the cases showed that only makes sense across cases: channel counts, foreground in the labels."""
 
     def __init__(self) -> None:
-        self.channels: dict[Path, tuple[int, str, bool]] = {}  # first file -> (count, how, several files)
+        # first file -> (count, how, several files, grey: one channel or identical ones)
+        self.channels: dict[Path, tuple[int, str, bool, bool]] = {}
         self.labels = 0
         self.foreground = 0
 
     def problems(self, info: DatasetInfo) -> list[Problem]:
         out = []
         declared = len(info.channel_names)
-        usual = Counter(n for n, _, _ in self.channels.values()).most_common(1)
-        for path, (count, how, several) in self.channels.items():
+        usual = Counter(n for n, _, _, _ in self.channels.values()).most_common(1)
+        for path, (count, how, several, grey) in self.channels.items():
             if declared and count != declared and (several or not how.endswith("values per pixel")):
                 names = ", ".join(info.channel_names.values())
                 out.append(Problem("error", str(path), f"{count} channels ({how}); dataset.json channel_names "
                                                        f"declares {declared} ({names})"))
-            elif usual and count != usual[0][0]:
+            elif usual and count != usual[0][0] and not _convertible(count, grey, usual[0][0]):
                 out.append(Problem("error", str(path), f"{count} channels ({how}) where the other cases have "
                                                        f"{usual[0][0]}"))
         if self.labels and not self.foreground:
             out.append(Problem("warning", str(info.root), f"all {self.labels} label maps are background only (0): "
                                                           "a model trained on them learns nothing (Dice 0)"))
         return out
+
+
+def _convertible(count: int, grey: bool, usual: int) -> bool:
+    """Training and prediction convert this image to the usual channel count losslessly (grey stored as
+    colour -> one channel, grey -> RGB; :func:`medseg.data.sanity.grey_conversion`)."""
+    return (usual == 1 and grey and count == 3) or (usual == 3 and grey and count == 1)
 
 
 def _check_case(case: Case, allowed: set[int] | None, tol: float, seen: _Seen) -> list[Problem]:
@@ -120,7 +133,9 @@ def _check_case(case: Case, allowed: set[int] | None, tol: float, seen: _Seen) -
     if channels and len(channels) == len(case.images):
         count = sum(int(image.shape[0]) for _, image in channels)
         how = f"{len(channels)} channel files" if len(channels) > 1 else channel_description(channels[0][1])
-        seen.channels[case.images[0]] = (count, how, len(channels) > 1)
+        first = channels[0][1]
+        grey = len(channels) == 1 and is_picture(first) and (count == 1 or bool(torch.all(first == first[:1])))
+        seen.channels[case.images[0]] = (count, how, len(channels) > 1, grey)
     for path, image in channels[1:]:
         _compare(path, image, *channels[0], tol, problems)
     if case.label is None:

@@ -14,7 +14,10 @@ Which library reads a file is decided by its extension:
 
 Axis convention for 2D raster images: the array is indexed ``[C, x, y]``, the first spatial axis running
 along the image width (MONAI's ``PILReader``/``ITKReader`` convention), so a PNG of H rows and W columns
-loads as ``[C, W, H]``; RGB(A) becomes 3 (4) channels; a TIFF stack of Z pages loads as ``[C, W, H, Z]``.
+loads as ``[C, W, H]``; RGB becomes 3 channels; a TIFF stack of Z pages loads as ``[C, W, H, Z]``. An alpha
+channel (RGBA or grey + alpha PNG, a TIFF's alpha ExtraSamples) that is opaque everywhere carries nothing and is
+dropped, so such an RGBA PNG loads as 3 channels and a grey + alpha one as 1, like the same image without alpha
+(an alpha that varies is kept as a channel: it might hold data).
 Raster images carry an identity affine (unit spacing); :func:`medseg.data.writers.write_image` applies the
 inverse mapping, so reading and writing are consistent. A palette PNG loads as its palette indices (label masks).
 
@@ -256,15 +259,22 @@ class RasterReader(ImageReader):
                 series = tif.series[0]
                 check_claimed_size(path, series.shape, series.dtype)
                 array, axes = series.asarray(), series.axes
+                alpha = _tiff_alpha_samples(series.keyframe)
             channel_axes = [i for i, a in enumerate(axes) if a in "CS"]
             if len(channel_axes) > 1:
                 raise ValueError(f"TIFF axes '{axes}' hold more than one channel axis")
             if channel_axes:
                 array = np.moveaxis(array, channel_axes[0], -1)
+                if alpha and axes[channel_axes[0]] == "S":
+                    array = _without_opaque_alpha(array, alpha)
             has_channel = bool(channel_axes)
         else:
             with Image.open(path) as im:
                 array = np.asarray(im)  # palette images give their indices, 16-bit PNG stays uint16
+                if im.mode in ("RGBA", "LA", "RGBa", "La"):
+                    array = _without_opaque_alpha(array, 1)
+            if array.ndim == 3 and array.shape[-1] == 1:  # LA without its alpha: grey
+                array = array[..., 0]
             has_channel = array.ndim == 3
         rank = array.ndim - has_channel
         if rank not in (2, 3):
@@ -280,6 +290,21 @@ class RasterReader(ImageReader):
             rank = raster.array.ndim - raster.has_channel
             parts.append((raster.array, _base_meta(raster.array, np.eye(rank + 1), rank)))
         return _stacked(parts)
+
+
+def _tiff_alpha_samples(page) -> int:
+    """How many trailing samples per pixel of a TIFF page are alpha (ExtraSamples 1 or 2: transparency)."""
+    extra = getattr(page, "extrasamples", None) or ()
+    return sum(1 for kind in tuple(extra) if int(kind) in (1, 2))
+
+
+def _without_opaque_alpha(array: np.ndarray, alpha: int) -> np.ndarray:
+    """``array`` (channels last) without its last ``alpha`` channels when each is one value everywhere (opaque):
+    they carry nothing; an alpha that varies stays, in case it holds data."""
+    tail = array[..., array.shape[-1] - alpha:]
+    if all(np.all(tail[..., i] == tail.flat[i]) for i in range(alpha)):
+        return array[..., : array.shape[-1] - alpha]
+    return array
 
 
 class NiftiReader(NibabelReader):

@@ -85,28 +85,55 @@ def channel_description(image: MetaTensor) -> str:
     return f"{channels} values per pixel"
 
 
+def grey_conversion(image: torch.Tensor, expected: int) -> tuple[torch.Tensor, str] | None:
+    """The lossless grey <-> RGB conversions of a picture file (PNG, JPEG, TIFF) whose channel count is not
+    ``expected``: a grey picture saved as RGB (three identical channels) for a one-channel model becomes its
+    first channel; a one-channel picture for a three-channel (RGB) model is repeated as R, G and B, as image
+    libraries convert grey to RGB. Returns the converted image and a sentence saying what was done, or None
+    (anything else, and every scan format: two identical volumes of a NIfTI are not a colour picture)."""
+    if not is_picture(image):
+        return None
+    channels = int(image.shape[0])
+    if expected == 1 and channels == 3 and bool(torch.all(image == image[:1])):
+        return image[:1], f"its {channels} identical channels (grey saved as colour) used as the one channel"
+    if expected == 3 and channels == 1:
+        return image.repeat(3, *([1] * (image.ndim - 1))), "grey image given to an RGB model: used as R, G and B"
+    return None
+
+
+def is_picture(image: torch.Tensor) -> bool:
+    """Loaded from one PNG, JPEG or TIFF file (where RGB means colour, not several scans)."""
+    names = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
+    if not isinstance(names, (str, Path)):
+        return False
+    return str(names).lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+
+
 def channel_problem(image: MetaTensor, expected: int) -> str | None:
     channels = int(image.shape[0])
     if channels == expected:
         return None
-    return (f"model expects {expected} channel{'s' if expected != 1 else ''}, this file has {channels} "
+    differ = " that differ (not grey)" if expected == 1 and channels == 3 and is_picture(image) else ""
+    return (f"model expects {expected} channel{'s' if expected != 1 else ''}, this file has {channels}{differ} "
             f"({channel_description(image)})")
 
 
 class ValidateImaged(MapTransform):
     """Refuses an image with non-finite voxels (or replaces them), a degenerate affine or the wrong number of
-    channels, naming its file; place it right after loading.
+    channels, naming its file; place it right after loading. Grey and grey-saved-as-colour images are converted
+    to the channel count expected where that loses nothing (:func:`grey_conversion`).
 
     Args:
         keys: image keys (``[C, *spatial]`` MetaTensors).
         in_channels: the channel count every image must have (None: not checked).
         nonfinite: ``"error"`` or ``"replace"`` (see :func:`replace_nonfinite`); a replacement is recorded
             as a sentence under ``warnings_key``.
-        warnings_key: the data key receiving a list of warnings.
+        warnings_key: the data key receiving a list of warnings (replacements, grey conversions); None: none
+            are recorded (training batches must all have the same keys).
     """
 
     def __init__(self, keys: Sequence[Hashable], in_channels: int | None = None, nonfinite: str = "error",
-                 warnings_key: str = "warnings"):
+                 warnings_key: str | None = "warnings"):
         super().__init__(keys)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite: expected one of {NONFINITE_MODES}, got {nonfinite!r}")
@@ -120,6 +147,10 @@ class ValidateImaged(MapTransform):
             rank = image.ndim - 1
             problem = geometry_problem(image.affine, rank) if isinstance(image, MetaTensor) else None
             if problem is None and self.in_channels is not None:
+                converted = grey_conversion(image, self.in_channels)
+                if converted is not None:
+                    image = d[key] = converted[0]
+                    self._note(d, name, converted[1])
                 problem = channel_problem(image, self.in_channels)
             if problem:
                 raise DataError(name, problem)
@@ -128,6 +159,9 @@ class ValidateImaged(MapTransform):
                 if self.nonfinite == "error":
                     raise DataError(name, f"{nonfinite_message(n_nan, n_inf)}; {NONFINITE_HINT}")
                 d[key] = replace_nonfinite(image)
-                d.setdefault(self.warnings_key, []).append(f"{Path(name).name}: "
-                                                           f"{nonfinite_message(n_nan, n_inf)} replaced")
+                self._note(d, name, f"{nonfinite_message(n_nan, n_inf)} replaced")
         return d
+
+    def _note(self, d: dict, name: str, sentence: str) -> None:
+        if self.warnings_key is not None:
+            d.setdefault(self.warnings_key, []).append(f"{Path(name).name}: {sentence}")
