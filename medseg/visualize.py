@@ -232,8 +232,9 @@ def _is_housekeeping(name: str) -> bool:
 
 
 def learning_curves(history: Mapping[str, Sequence[float]], out: Path, best_epoch: int | None = None) -> Path:
-    """Plot per-epoch training history: losses (lower is better) on the left, scores (higher is better) on the
-    right, integer epochs, and the best epoch marked on both.
+    """Plot per-epoch training history: losses (lower is better) on the left, scores (higher is better) in the
+    middle, instance merges and splits per case (lower is better) on the right when there are any, integer
+    epochs, and the best epoch marked on each.
 
     Args:
         history: name -> one value per epoch (x = 1, 2, ...). Keys containing ``"loss"`` go to the
@@ -252,8 +253,16 @@ def learning_curves(history: Mapping[str, Sequence[float]], out: Path, best_epoc
     return _write_figure(learning_curves_figure(history, best_epoch), out)
 
 
+def _panel(name: str) -> str:
+    """Which panel of the learning curves a series goes to: losses, scores or counts (instance merges, splits)."""
+    lower = name.lower()
+    if "loss" in lower:
+        return "loss"
+    return "count" if lower.endswith(("merges", "splits")) else "score"
+
+
 def learning_curves_figure(history: Mapping[str, Sequence[float]], best_epoch: int | None = None) -> Figure:
-    """The figure :func:`learning_curves` writes (two axes: losses, scores)."""
+    """The figure :func:`learning_curves` writes (axes: losses, scores[, merges and splits])."""
     epochs = history.get("epoch")
     series = {
         k: np.asarray(v, dtype=np.float64)
@@ -261,11 +270,13 @@ def learning_curves_figure(history: Mapping[str, Sequence[float]], best_epoch: i
         if k != "epoch" and not _is_housekeeping(k) and len(v) > 0
     }
     longest = max((len(v) for v in series.values()), default=0)
-    fig = Figure(figsize=(10, 3.8))
-    panels = (("losses (lower is better)", True), ("scores (higher is better)", False))
-    for col, (title, pick) in enumerate(panels):
-        ax = fig.add_subplot(1, 2, col + 1)
-        chosen = {k: v for k, v in series.items() if ("loss" in k.lower()) == pick}
+    panels = [("losses (lower is better)", "loss"), ("scores (higher is better)", "score")]
+    if any(_panel(k) == "count" for k in series):
+        panels.append(("merges and splits per case (lower is better)", "count"))
+    fig = Figure(figsize=(5 * len(panels), 3.8))
+    for col, (title, kind) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), col + 1)
+        chosen = {k: v for k, v in series.items() if _panel(k) == kind}
         for name, values in chosen.items():
             if epochs is not None and len(epochs) == len(values):
                 x = np.asarray(epochs, dtype=np.float64)

@@ -127,3 +127,13 @@ def test_learning_curves_keep_losses_and_scores_apart_on_integer_epochs():
         low, high = ax.get_xlim()
         ticks = [t for t in ax.get_xticks() if low <= t <= high]
         assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
+def test_instance_merges_and_splits_get_their_own_panel():
+    history = {"train/loss": [1.0, 0.7, 0.5], "val/dice_mean": [0.3, 0.6, 0.5], "val/ap": [0.1, 0.4, 0.5],
+               "val/merges": [9.0, 6.0, 4.0], "val/splits": [0.0, 1.0, 1.0]}
+    fig = learning_curves_figure(history, best_epoch=3)
+    assert [ax.get_title() for ax in fig.axes] == ["losses (lower is better)", "scores (higher is better)",
+                                                   "merges and splits per case (lower is better)"]
+    named = [{line.get_label() for line in ax.get_lines()} - {"best epoch (3)"} for ax in fig.axes]
+    assert named == [{"train/loss"}, {"val/dice_mean", "val/ap"}, {"val/merges", "val/splits"}]
