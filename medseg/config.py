@@ -420,8 +420,9 @@ class InstancesConfig(_Section):
     """Options of the instance representation ``data.instance_target`` (instance datasets only)."""
 
     border_width: int = Field(1, ge=1)  # thickness of the border class (cell_border), pixels
-    mse_weight: float = Field(1.0, ge=0.0)  # regression MSE (distance, flows)
-    msge_weight: float = Field(1.0, ge=0.0)  # mean squared gradient error (flows)
+    # weights of the regression terms; None: the representation's own (flows: MSE 3, MSGE 1; distance: MSE 1)
+    mse_weight: float | None = Field(None, ge=0.0)  # regression MSE (distance, flows)
+    msge_weight: float | None = Field(None, ge=0.0)  # mean squared gradient error (flows)
     # Post-processing thresholds kept fixed (border: foreground; distance: foreground, marker; flows:
     # foreground, slope); the others are tuned on the validation cases at the end of training.
     postprocess: dict[str, float] = Field(default_factory=dict)

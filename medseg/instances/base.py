@@ -47,14 +47,17 @@ class Representation:
 
     Args:
         border_width: thickness in pixels of the border class when the semantic target is ``cell_border``.
-        mse_weight: weight of the regression MSE term (representations with regression channels).
-        msge_weight: weight of the mean squared gradient error term (representations that use one).
+        mse_weight: weight of the regression MSE term (representations with regression channels); None: the
+            representation's own default (:attr:`loss_weights`).
+        msge_weight: weight of the mean squared gradient error term (representations that use one); None: the
+            representation's own default.
 
     Attributes:
         name: the registered name (``data.instance_target``).
         semantic: semantic modes of the class channels this representation works with.
         thresholds: default post-processing thresholds, name -> value.
         grid: values tried per threshold when tuning on validation cases (a small grid).
+        loss_weights: default weights of the regression terms (``mse``, ``msge``).
     """
 
     name: ClassVar[str] = ""
@@ -62,8 +65,11 @@ class Representation:
     thresholds: ClassVar[dict[str, float]] = {}
     grid: ClassVar[dict[str, tuple[float, ...]]] = {}
     uses_gradient: ClassVar[bool] = False
+    loss_weights: ClassVar[dict[str, float]] = {"mse": 1.0, "msge": 1.0}
 
-    def __init__(self, border_width: int = 1, mse_weight: float = 1.0, msge_weight: float = 1.0):
+    def __init__(self, border_width: int = 1, mse_weight: float | None = None, msge_weight: float | None = None):
+        mse_weight = self.loss_weights["mse"] if mse_weight is None else mse_weight
+        msge_weight = self.loss_weights["msge"] if msge_weight is None else msge_weight
         if int(border_width) != border_width or border_width < 1:
             raise ValueError(f"border_width must be an integer >= 1, got {border_width}")
         if mse_weight < 0 or msge_weight < 0:

@@ -84,6 +84,10 @@ def test_registry_lists_names_and_options():
     assert rep.regression_channels(3) == 3 and rep.vector_axes(2) == [0, 1]
     assert build_representation("distance").regression_channels(3) == 1
     assert build_representation("border").regression_channels(2) == 0
+    # each representation's own loss weights unless the config sets them (None = not set)
+    assert (rep.mse_weight, rep.msge_weight) == (3.0, 0.5)
+    assert build_representation("distance", {"mse_weight": None}).mse_weight == 1.0
+    assert build_representation("flows", {"mse_weight": 1.0, "msge_weight": None}).msge_weight == 1.0
 
 
 def test_central_difference_matches_numpy():
