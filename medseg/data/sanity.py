@@ -18,6 +18,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 from monai.utils import convert_to_numpy
 
+from medseg.data.readers import PIL_EXTENSIONS, TIFF_EXTENSIONS, split_name
 from medseg.errors import DataError
 
 NONFINITE_MODES = ("error", "replace")
@@ -104,9 +105,7 @@ def grey_conversion(image: torch.Tensor, expected: int) -> tuple[torch.Tensor, s
 def is_picture(image: torch.Tensor) -> bool:
     """Loaded from one PNG, JPEG or TIFF file (where RGB means colour, not several scans)."""
     names = image.meta.get("filename_or_obj") if isinstance(image, MetaTensor) else None
-    if not isinstance(names, (str, Path)):
-        return False
-    return str(names).lower().endswith((".png", ".jpg", ".jpeg", ".tif", ".tiff"))
+    return isinstance(names, (str, Path)) and split_name(names)[1] in PIL_EXTENSIONS + TIFF_EXTENSIONS
 
 
 def channel_problem(image: MetaTensor, expected: int) -> str | None:
