@@ -100,8 +100,8 @@ class Flows(Representation):
     # The MSE of the maps weighs 3: our class loss (Dice over cell and border + CE weighted by the border map, up
     # to w0 + 1 = 11 near contacts) outweighs HoVer-Net's two-class one, which its MSE x 1 + MSGE x 2 balance.
     # benchmarks/instances.py's data and budget, 4 seeds: held-out AP@0.5:0.95 0.790 -> 0.799 (MSE x 3), 0.802
-    # (x 6), merges 52 -> 36 / 37; larger nuclei, 2 seeds: 0.873 -> 0.878 (x 3). Small, within seed noise, but
-    # fewer merges, which is what real nuclei suffer from.
+    # (x 6), merges 52 -> 36 / 37; larger nuclei, 2 seeds: no change (0.873 -> 0.878 on fp32 outputs, 0.883 ->
+    # 0.878 through the benchmark). Small, within seed noise, but fewer merges, which real nuclei suffer from.
     loss_weights = {"mse": 3.0, "msge": 1.0}
 
     # Tuning values that scale with the objects (the fixed ``grid`` fits nuclei ~18 px across): the smoothing as a
